@@ -1,0 +1,214 @@
+"""
+Predictions from a BERT checkpoint trained by BERT_from_scratch.py: masked-token predictions
+(MLM) and next-sentence probabilities (NSP), test-split scores, and export to transformers.
+
+    python test_mini_bert.py                                   # a short demo
+    python test_mini_bert.py --text "the [MASK] of the city"   # top-k for every [MASK]
+    python test_mini_bert.py --sentence_a "..." --sentence_b "..."
+    python test_mini_bert.py --eval --data_dir ../shared/data/wikitext-2-v1
+    python test_mini_bert.py --export_hf bert-mini-hf          # a folder transformers loads
+
+Without --checkpoint it loads your newest training output under checkpoints/, or else the
+pretrained model shipped with the repository.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import BERT_from_scratch as bert
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "bert-mini-wikitext2.pt"
+
+# Sentences adapted from the WikiText-2 *test* split, which the model never trained on.
+DEMO_MASKED = [
+    "He played college [MASK] for the University of Michigan .",
+    "Robert is an English film , television and theatre [MASK] .",
+    "The tropical storm moved rapidly , steadily intensifying to a [MASK] .",
+    "It was released as the record 's second [MASK] in Germany .",
+]
+DEMO_PAIRS = [  # (A, B): B follows A in the article; then the same A with a random B
+    ("He played college football for the University of Michigan Wolverines in 1944 and from "
+     "1946 to 1948 .", "He was a consensus selection at end on the 1948 College Football "
+     "All-America Team ."),
+    ("He played college football for the University of Michigan Wolverines in 1944 and from "
+     "1946 to 1948 .", "The tropical storm moved rapidly west-northwestward , steadily "
+     "intensifying to a hurricane ."),
+]
+
+
+def default_checkpoint():
+    """Your newest training output in ./checkpoints, else the shipped pretrained model."""
+    shipped = SHIPPED_CHECKPOINT.resolve()
+    own = [p for p in Path("checkpoints").glob("*.pt") if p.resolve() != shipped]
+    return max(own, key=lambda p: p.stat().st_mtime) if own else SHIPPED_CHECKPOINT
+
+
+class Predictor:
+    def __init__(self, model, tokenizer, max_seq_len, device):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_seq_len, self.device = max_seq_len, device
+        self.notices = []
+
+    def _run(self, encoding):
+        ids = torch.tensor([encoding.ids], device=self.device)
+        token_type_ids = torch.tensor([encoding.type_ids], device=self.device)
+        with torch.no_grad():
+            return self.model(ids, token_type_ids, torch.ones_like(ids))
+
+    def fill_mask(self, text, top_k):
+        """Top-k (token, probability) for every [MASK] in text, left to right."""
+        text = re.sub(r"\[mask\]", "[MASK]", text, flags=re.IGNORECASE)
+        if not text.strip():
+            raise bert.UserError("the text is empty")
+        if "[MASK]" not in text:
+            raise bert.UserError(f"no [MASK] in the text {text!r}: write [MASK] where a word should be predicted")
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(encoding.ids) + 2 > self.max_seq_len:
+            self.notices.append(f"the text has {len(encoding.ids) + 2} tokens; truncated to {self.max_seq_len}")
+            encoding.truncate(self.max_seq_len - 2)
+        encoding = self.tokenizer.post_process(encoding)  # [CLS] text [SEP]
+        positions = [i for i, t in enumerate(encoding.ids) if t == bert.MASK_ID]
+        if not positions:
+            raise bert.UserError("every [MASK] fell beyond the truncation point")
+        probs = F.softmax(self._run(encoding).mlm_logits[0, positions].float(), dim=-1)  # (n_masks, V)
+        probs[:, :bert.N_SPECIAL] = -1.0  # never offer [PAD], [UNK], [CLS], [SEP], [MASK]
+        probs, ids = probs.topk(min(top_k, probs.size(-1) - bert.N_SPECIAL), dim=-1)
+        return [[(self.tokenizer.id_to_token(i), p) for i, p in zip(row_ids.tolist(), row_p.tolist())]
+                for row_ids, row_p in zip(ids, probs)]
+
+    def is_next(self, sentence_a, sentence_b):
+        """P(sentence_b follows sentence_a) from the NSP head (class 0 = "is next")."""
+        if not sentence_a.strip() or not sentence_b.strip():
+            raise bert.UserError("--sentence_a and --sentence_b must both be non-empty")
+        a = self.tokenizer.encode(sentence_a, add_special_tokens=False)
+        b = self.tokenizer.encode(sentence_b, add_special_tokens=False)
+        len_a, len_b = bert.truncated_lengths(len(a.ids), len(b.ids), self.max_seq_len)
+        if (len_a, len_b) != (len(a.ids), len(b.ids)):
+            self.notices.append(f"the pair has {len(a.ids) + len(b.ids) + 3} tokens; truncated "
+                                f"to {self.max_seq_len}, longest sentence first")
+            a.truncate(int(len_a))
+            b.truncate(int(len_b))
+        encoding = self.tokenizer.post_process(a, b)
+        return F.softmax(self._run(encoding).nsp_logits[0].float(), dim=-1)[0].item()
+
+
+def export_hf(model, tokenizer, out_dir):
+    """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
+    with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
+        hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+        layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range,
+        pad_token_id=c.pad_token_id, hidden_act="gelu", architectures=["BertForPreTraining"])
+    hf_model = transformers.BertForPreTraining(hf_config)
+    hf_model.load_state_dict(bert.hf_state_dict(model), strict=True)
+    hf_model.save_pretrained(out_dir)
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=c.max_position_embeddings)
+    hf_tokenizer.save_pretrained(out_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Predictions from a BERT_from_scratch.py checkpoint.")
+    p.add_argument("--checkpoint", default=None,
+                   help="default: your newest checkpoints/*.pt, else the shipped pretrained model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--text", help='a sentence with one or more [MASK], e.g. "the [MASK] of the city"')
+    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--sentence_a", help="first sentence of an NSP query")
+    p.add_argument("--sentence_b", help="second sentence of an NSP query")
+    p.add_argument("--eval", action="store_true", help="MLM and NSP scores on the test split")
+    p.add_argument("--dataset_config", default=None, help="for --eval (default: as in training)")
+    p.add_argument("--data_dir", default=None, help="for --eval: a local WikiText copy")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--export_hf", metavar="DIR", help="write a transformers model folder")
+    args = p.parse_args(argv)
+    if args.top_k <= 0:
+        p.error(f"--top_k must be positive, got {args.top_k}")
+    if (args.sentence_a is None) != (args.sentence_b is None):
+        p.error("--sentence_a and --sentence_b go together")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here (use --device cpu)")
+    return args
+
+
+def run(args):
+    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = bert.read_checkpoint(path)
+    model, tokenizer = bert.load_checkpoint(path, device)
+    train_args = ckpt.get("args", {})
+    max_seq_len = train_args.get("max_seq_len", 128)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(f"loaded {path} ({model.num_parameters():,} parameters, trained {ckpt.get('step', 0):,} steps)")
+    predictor = Predictor(model, tokenizer, max_seq_len, device)
+    result = {"checkpoint": str(path)}
+
+    if args.export_hf:
+        export_hf(model, tokenizer, args.export_hf)
+        result["export_hf"] = args.export_hf
+        say(f"wrote a transformers model to {args.export_hf}/ (BertForPreTraining.from_pretrained"
+            f"('{args.export_hf}'), pipeline('fill-mask', model='{args.export_hf}'))")
+
+    demo = not (args.text or args.sentence_a or args.eval or args.export_hf)
+    texts = [args.text] if args.text else (DEMO_MASKED if demo else [])
+    pairs = [(args.sentence_a, args.sentence_b)] if args.sentence_a else (DEMO_PAIRS if demo else [])
+    if texts:
+        result["fill_mask"] = []
+        for text in texts:
+            predictions = predictor.fill_mask(text, args.top_k)
+            result["fill_mask"].append({"text": text, "predictions": [
+                [{"token": t, "probability": p} for t, p in mask] for mask in predictions]})
+            say(f"\n{text}")
+            for i, mask in enumerate(predictions):
+                label = f"  [MASK] {i + 1}: " if len(predictions) > 1 else "  "
+                say(label + "  ".join(f"{t} {p:.3f}" for t, p in mask))
+    if pairs:
+        result["next_sentence"] = []
+        say("")
+        for a, b in pairs:
+            p = predictor.is_next(a, b)
+            result["next_sentence"].append({"sentence_a": a, "sentence_b": b, "is_next_probability": p})
+            say(f"P(IsNext) = {p:.3f}\n  A: {a}\n  B: {b}")
+    if args.eval:
+        data_args = argparse.Namespace(
+            dataset_config=args.dataset_config or train_args.get("dataset_config", "wikitext-2-v1"),
+            data_dir=args.data_dir, vocab_size=None)
+        _, corpora = bert.prepare_data(data_args, tokenizer, splits=("test",), log=say)
+        dataset = bert.eval_batches(corpora["test"], max_seq_len, train_args.get("mask_prob", 0.15),
+                                    tokenizer.get_vocab_size())
+        dtype = bert.resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
+        metrics = bert.evaluate(model, dataset, device, dtype)
+        result["test"] = metrics
+        say(f"\ntest split: {bert.format_metrics(metrics)} "
+            f"({metrics['masked_tokens']:,} masked tokens, {metrics['pairs']:,} pairs)")
+    for notice in predictor.notices:
+        print(f"notice: {notice}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except bert.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
