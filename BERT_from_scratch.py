@@ -349,16 +349,35 @@ def train_tokenizer(articles, vocab_size):
     """A lowercase WordPiece vocabulary learned from the given (training) articles."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
+    def bert_tokenizer(model):
+        tokenizer = Tokenizer(model)
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        return tokenizer
+
     # The trainer does not treat "[UNK]" in its input as special and would learn "unk" from it,
     # so it sees the text without the placeholders.
-    text = (s.replace("[UNK]", " ") for article in articles for s in article)
+    text = [s.replace("[UNK]", " ") for article in articles for s in article]
+    # The trainer numbers the "##x" continuation pieces in hash-map order and breaks ties between
+    # equally frequent merges by number, so the same text can give another vocabulary on every
+    # run (huggingface/tokenizers#1794). Declared up front, in sorted order, they get fixed
+    # numbers and training becomes deterministic.
+    tokenizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+    pieces = set()
+    for chunk in set(tokenizer.normalizer.normalize_str("\n".join(text)).split()):
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(chunk):
+            pieces.update("##" + c for c in word[1:])
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                        special_tokens=SPECIAL_TOKENS + sorted(pieces))
     tokenizer.train_from_iterator(text, trainer)
+
+    # A fresh tokenizer over the learned vocabulary, numbered in sorted order after the special
+    # tokens, and with only the five real special tokens.
+    learned = sorted(set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS))
+    tokenizer = bert_tokenizer(models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + learned)},
+                                                unk_token="[UNK]"))
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
@@ -678,6 +697,14 @@ def atomic_save(obj, path):
         tmp.unlink(missing_ok=True)
 
 
+def save_checkpoint(path, model, tokenizer, **extra):
+    """One file with everything needed to use the model: weights, config and tokenizer, plus what
+    the caller adds (metrics, history, the command; for resuming, optimizer state and position).
+    It loads with torch.load(..., weights_only=True): tensors, numbers and strings only."""
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": asdict(model.config),
+                 "tokenizer": tokenizer.to_str(), **extra}, path)
+
+
 def read_checkpoint(path):
     """The checkpoint dict, checked; UserError for a missing, truncated or foreign file."""
     path = Path(path)
@@ -906,10 +933,8 @@ def train(args):
         train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                        "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rngs}
         try:
-            atomic_save({"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
-                         "config": asdict(config), "tokenizer": tokenizer.to_str(), "step": step,
-                         "metrics": metrics, "history": history, "train_state": train_state,
-                         **run_info}, checkpoint_path)
+            save_checkpoint(checkpoint_path, raw_model, tokenizer, step=step, metrics=metrics,
+                            history=history, train_state=train_state, **run_info)
         except OSError as e:
             raise UserError(f"could not write {checkpoint_path} ({e}); the previous checkpoint "
                             "there, if any, is intact") from None
@@ -1033,9 +1058,17 @@ def train(args):
     save(latest_metrics)
     if master and args.plot:
         plot_curves(history, checkpoint_path.with_suffix(".png"))
-    log(f"done: {step:,} steps; checkpoint {checkpoint_path}, metrics log {metrics_path}")
-    if ddp:
+    if ddp:  # data parallelism must keep every replica identical: check it
+        digest = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()])
+                              for p in raw_model.parameters()]).flatten().cpu()
+        digests = [None] * world_size
+        dist.all_gather_object(digests, digest)
+        same = all(torch.equal(d, digests[0]) for d in digests)
+        log(f"replicas identical across {world_size} processes: {'yes' if same else 'NO'}")
         dist.destroy_process_group()
+        if not same:
+            raise UserError("the model replicas diverged across processes")
+    log(f"done: {step:,} steps; checkpoint {checkpoint_path}, metrics log {metrics_path}")
     return 0
 
 

@@ -1,0 +1,261 @@
+"""The data pipeline: WikiText parsing, tokenizer, NSP pairs, truncation, masking, batching."""
+
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+import BERT_from_scratch as bert
+from conftest import WIKITEXT_DIR, needs_wikitext
+
+
+# WikiText parsing ------------------------------------------------------------------
+
+def test_split_articles_titles_headings_and_sentences():
+    lines = [" ", " = First Article = ", " ", " = = Early life = = ", " ",
+             " It was built in 1 @,@ 200 . It cost 3 @.@ 5 million ! Was it north @-@ west ? ",
+             " = = = Later = = = ", " A <unk> came . ", " = Second = ", " One more sentence . "]
+    articles = bert.split_articles(lines)
+    assert articles == [
+        ["It was built in 1,200 .", "It cost 3.5 million !", "Was it north-west ?", "A [UNK] came ."],
+        ["One more sentence ."],
+    ]
+
+
+def test_unk_is_one_token_and_never_split(tiny_data):
+    tokenizer, _ = tiny_data
+    ids = tokenizer.encode("the [UNK] castle", add_special_tokens=False).ids
+    assert ids.count(bert.UNK_ID) == 1 and len(ids) == 3
+    assert tokenizer.token_to_id("unk") is None  # "[UNK]" placeholders never leak into the vocabulary
+
+
+def test_tokenizer_special_ids_and_lowercase(tiny_data):
+    tokenizer, _ = tiny_data
+    assert [tokenizer.token_to_id(t) for t in bert.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tokenizer.encode("CASTLE", add_special_tokens=False).ids == \
+        tokenizer.encode("castle", add_special_tokens=False).ids
+
+
+def test_tokenizer_training_is_deterministic(tiny_data_dir):
+    # tokenizers' own trainer gives a different vocabulary on most runs on this corpus
+    # (huggingface/tokenizers#1794); ours must give the same ids every time.
+    articles = bert.split_articles((tiny_data_dir / "train.txt").read_text().split("\n"))
+    vocabularies = {tuple(sorted(bert.train_tokenizer(articles, 300).get_vocab().items()))
+                    for _ in range(8)}
+    assert len(vocabularies) == 1
+
+
+def test_tokenizer_is_trained_on_train_only(tmp_path):
+    from conftest import write_tiny_wikitext
+    folder = write_tiny_wikitext(tmp_path / "d")
+    (folder / "validation.txt").write_text(" = V = \n zyzzyva quixotic zyzzyva . quixotic zyzzyva .\n")
+    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(folder), vocab_size=2000)
+    tokenizer, corpora = bert.prepare_data(args, log=lambda *a: None)
+    assert tokenizer.token_to_id("zyzzyva") is None and tokenizer.token_to_id("castle") is not None
+
+
+# NSP pairs ----------------------------------------------------------------------------
+
+def test_pairs_half_negatives_from_other_articles(tiny_data):
+    _, corpora = tiny_data
+    c = corpora["train"]
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    a, b, label = pairs.T
+    assert (label == 1).sum() == (label == 0).sum() == len(pairs) // 2
+    pos, neg = pairs[label == 0], pairs[label == 1]
+    # Positives: B is the very next sentence of the same article.
+    assert (pos[:, 1] == pos[:, 0] + 1).all() and (c.article[pos[:, 0]] == c.article[pos[:, 1]]).all()
+    # Every consecutive pair within an article is a positive, none across articles.
+    expected = [i for i in range(len(c) - 1) if c.article[i] == c.article[i + 1]]
+    assert sorted(pos[:, 0].tolist()) == expected
+    # Each positive has one negative with the same first sentence, B from another article.
+    assert sorted(neg[:, 0].tolist()) == expected
+    assert (c.article[neg[:, 0]] != c.article[neg[:, 1]]).all()
+    assert (neg[:, 1] != neg[:, 0] + 1).all()
+
+
+def test_negatives_are_fresh_each_epoch_and_reproducible(tiny_data):
+    _, corpora = tiny_data
+    c = corpora["train"]
+    p0 = bert.build_pairs(c, bert.rng_for(42, 0, bert.PAIR_STREAM))
+    p0_again = bert.build_pairs(c, bert.rng_for(42, 0, bert.PAIR_STREAM))
+    p1 = bert.build_pairs(c, bert.rng_for(42, 1, bert.PAIR_STREAM))
+    assert np.array_equal(p0, p0_again)
+    assert not np.array_equal(p0[p0[:, 2] == 1], p1[p1[:, 2] == 1])
+
+
+def test_corpus_without_pairs_is_a_clear_error():
+    one_sentence_articles = bert.Corpus(np.arange(10, 16, dtype=np.int32), np.array([0, 2, 4, 6]),
+                                        np.array([0, 1, 2]))
+    with pytest.raises(bert.UserError, match="no article with two sentences"):
+        bert.build_pairs(one_sentence_articles, np.random.default_rng(0))
+    single_article = bert.Corpus(np.arange(10, 16, dtype=np.int32), np.array([0, 2, 4, 6]),
+                                 np.array([0, 0, 0]))
+    with pytest.raises(bert.UserError, match="single article"):
+        bert.build_pairs(single_article, np.random.default_rng(0))
+
+
+# Layout, segments, truncation --------------------------------------------------------
+
+def test_layout_and_segment_ids_match_the_tokenizer(tiny_data):
+    tokenizer, corpora = tiny_data
+    c = corpora["train"]
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    ds = bert.PretrainingBatches(c, pairs, [np.arange(8)], 64, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    for j in range(8):
+        ids, types, labels = ds.example(j)
+        original = np.where(labels != -100, labels, ids)  # undo the masking
+        a, b = c.sentence(pairs[j, 0]), c.sentence(pairs[j, 1])
+        expected = tokenizer.post_process(_encoding(tokenizer, a), _encoding(tokenizer, b))
+        assert original.tolist() == [bert.CLS_ID, *a, bert.SEP_ID, *b, bert.SEP_ID]
+        assert original.tolist() == expected.ids  # the same layout as the tokenizer's template
+        assert types.tolist() == [0] * (len(a) + 2) + [1] * (len(b) + 1) == expected.type_ids
+
+
+def _encoding(tokenizer, ids):
+    tokens = [tokenizer.id_to_token(int(i)) for i in ids]
+    enc = tokenizer.encode(tokens, is_pretokenized=True, add_special_tokens=False)
+    assert enc.ids == list(ids)
+    return enc
+
+
+def test_truncation_is_longest_first_and_matches_the_reference_loop():
+    def reference(la, lb, max_len):  # BERT's truncate_seq_pair, trimming the end
+        while la + lb > max_len - 3:
+            if la > lb:
+                la -= 1
+            else:
+                lb -= 1
+        return la, lb
+    rng = np.random.default_rng(0)
+    for la, lb, m in zip(rng.integers(1, 300, 2000), rng.integers(1, 300, 2000), rng.integers(8, 200, 2000)):
+        got = bert.truncated_lengths(int(la), int(lb), int(m))
+        assert tuple(map(int, got)) == reference(int(la), int(lb), int(m))
+    la, lb = rng.integers(1, 300, 500), rng.integers(1, 300, 500)
+    na, nb = bert.truncated_lengths(la, lb, 128)
+    assert (na + nb + 3 <= 128).all() and (na >= 1).all() and (nb >= 1).all()
+
+
+def test_long_pairs_are_truncated_never_dropped(tiny_data):
+    tokenizer, corpora = tiny_data
+    c = corpora["train"]
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    ds = bert.PretrainingBatches(c, pairs, [np.arange(len(pairs))], 12, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    batch = ds[0]
+    assert batch["input_ids"].shape == (len(pairs), 12)  # every pair kept, none over the limit
+    assert (batch["input_ids"][:, 0] == bert.CLS_ID).all()
+    assert ((batch["input_ids"] == bert.SEP_ID).sum(1) == 2).all()
+    assert ((batch["token_type_ids"] == 1).sum(1) >= 2).all()  # some of B and its [SEP] survive
+
+
+# Masking --------------------------------------------------------------------------------
+
+def test_masking_statistics():
+    rng = np.random.default_rng(0)
+    V = 1000
+    n_candidates = n_selected = n_mask = n_random = n_same = 0
+    for _ in range(400):
+        ids = rng.integers(bert.N_SPECIAL, V, 120)
+        ids[rng.random(120) < 0.05] = bert.UNK_ID
+        ids = np.concatenate([[bert.CLS_ID], ids[:60], [bert.SEP_ID], ids[60:], [bert.SEP_ID]])
+        original = ids.copy()
+        labels = bert.mask_tokens(ids, rng, 0.15, V)
+        selected = labels != -100
+        assert (labels[selected] == original[selected]).all()
+        assert not selected[original < bert.N_SPECIAL].any()  # never [CLS], [SEP], [UNK], [PAD]
+        assert (ids[~selected] == original[~selected]).all()  # nothing changes elsewhere
+        n_candidates += (original >= bert.N_SPECIAL).sum()
+        n_selected += selected.sum()
+        n_mask += (ids[selected] == bert.MASK_ID).sum()
+        changed = selected & (ids != original) & (ids != bert.MASK_ID)
+        assert (ids[changed] >= bert.N_SPECIAL).all()  # random replacements are ordinary tokens
+        n_random += changed.sum()
+        n_same += (selected & (ids == original)).sum()
+    assert abs(n_selected / n_candidates - 0.15) < 0.005
+    assert abs(n_mask / n_selected - 0.8) < 0.02
+    # "random" may draw the original token (1 in V); count those with "unchanged".
+    assert abs(n_random / n_selected - 0.1) < 0.015
+    assert abs(n_same / n_selected - 0.1) < 0.015
+
+
+def test_at_least_one_position_per_sequence_and_none_without_candidates():
+    rng = np.random.default_rng(0)
+    ids = np.array([bert.CLS_ID, 7, bert.SEP_ID, 9, bert.SEP_ID])
+    assert (bert.mask_tokens(ids, rng, 0.15, 100) != -100).sum() == 1
+    only_special = np.array([bert.CLS_ID, bert.UNK_ID, bert.SEP_ID, bert.UNK_ID, bert.SEP_ID])
+    assert (bert.mask_tokens(only_special, rng, 0.15, 100) == -100).all()
+
+
+def test_masks_are_dynamic_and_independent_of_batching(tiny_data):
+    tokenizer, corpora = tiny_data
+    c, V = corpora["train"], tokenizer.get_vocab_size()
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    idx = np.arange(16)
+    def labels(batches, epoch):
+        ds = bert.PretrainingBatches(c, pairs, batches, 64, 0.15, V, seed=1, epoch=epoch)
+        return torch.cat([ds[i]["mlm_labels"][:, :].flatten()[ds[i]["attention_mask"].flatten() == 1]
+                          for i in range(len(batches))])
+    whole = labels([idx], 0)
+    assert torch.equal(whole, labels([idx[:8], idx[8:]], 0))  # same pairs, other batching: same masks
+    assert not torch.equal(whole, labels([idx], 1))  # a new epoch draws new masks
+
+
+# Batching --------------------------------------------------------------------------------
+
+def test_batches_are_padded_to_their_longest_pair(tiny_data):
+    tokenizer, corpora = tiny_data
+    c = corpora["train"]
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    lengths = bert.pair_lengths(c, pairs, 64)
+    ds = bert.PretrainingBatches(c, pairs, [np.arange(5)], 64, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    batch = ds[0]
+    assert batch["input_ids"].shape[1] == lengths[:5].max() < 64
+    assert batch["attention_mask"].sum(1).tolist() == lengths[:5].tolist()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == bert.PAD_ID).all()
+    assert (batch["mlm_labels"][batch["attention_mask"] == 0] == -100).all()
+    assert batch["mlm_positions"].tolist() == (batch["mlm_labels"].view(-1) != -100).nonzero().squeeze(1).tolist()
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels", "mlm_positions"}
+
+
+def test_length_grouping_cuts_padding_and_covers_every_pair_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 129, 10_000)
+    batches = bert.length_grouped_batches(lengths, 16, np.random.default_rng(1))
+    flat = np.concatenate(batches)
+    assert len(flat) == len(set(flat.tolist())) == 10_000 // 16 * 16  # only the last partial batch dropped
+    def padding(bs):
+        return 1 - sum(lengths[b].sum() for b in bs) / sum(len(b) * lengths[b].max() for b in bs)
+    shuffled = np.array_split(rng.permutation(10_000)[:len(flat)], len(flat) // 16)
+    assert padding(batches) < 0.05 < 0.3 < padding(shuffled)
+    # The order of batches is random, not sorted by length.
+    maxima = [lengths[b].max() for b in batches]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+
+
+def test_a_step_holds_the_same_pairs_for_any_split_over_processes_and_accumulation(tiny_data):
+    _, corpora = tiny_data
+    c = corpora["train"]
+    def steps(batch_size, accum, world):
+        args = Namespace(seed=3, max_seq_len=64, batch_size=batch_size, grad_accum_steps=accum)
+        per_rank = [bert.training_batches(c, args, 0, r, world)[1] for r in range(world)]
+        n = accum  # micro-batches per step and process
+        return [sorted(np.concatenate([b for rank in per_rank for b in rank[s * n:(s + 1) * n]]).tolist())
+                for s in range(len(per_rank[0]) // n)]
+    reference = steps(8, 1, 1)
+    assert steps(4, 2, 1) == reference
+    assert steps(4, 1, 2) == reference
+    assert steps(2, 2, 2) == reference
+
+
+@needs_wikitext
+def test_wikitext2_preparation():
+    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(WIKITEXT_DIR), vocab_size=16384)
+    tokenizer, corpora = bert.prepare_data(args, log=lambda *a: None)
+    assert tokenizer.get_vocab_size() == 16384
+    for split, articles in [("train", 600), ("validation", 60), ("test", 60)]:
+        assert corpora[split].article.max() + 1 >= articles
+    pairs = bert.build_pairs(corpora["train"], np.random.default_rng(0))
+    assert len(pairs) > 140_000
+    unk = tokenizer.encode("[UNK]", add_special_tokens=False).ids
+    assert unk == [bert.UNK_ID] and (corpora["test"].ids == bert.UNK_ID).mean() > 0.03
