@@ -581,16 +581,17 @@ def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, batch_size=128):
                               EVAL_SEED, 0)
 
 
-def _ignore_sigint(_worker_id):
-    # Ctrl-C reaches the whole process group; the main process decides how to stop, and the
-    # workers keep serving batches until it does.
+def _ignore_signals(_worker_id):
+    # Ctrl-C (and a scheduler's SIGTERM) reach the whole process group; the main process decides
+    # how to stop, and the workers keep serving batches until it shuts them down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, num_workers, start=0, pin_memory=False):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, len(dataset)), num_workers=num_workers,
-        pin_memory=pin_memory, worker_init_fn=_ignore_sigint,
+        pin_memory=pin_memory, worker_init_fn=_ignore_signals,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator())  # its own: starting a loader must not move the global RNG
 
@@ -917,6 +918,9 @@ def train(args):
     if ckpt:
         run_info["command"] = ckpt.get("command", "") + "  (resumed: " + run_info["command"] + ")"
 
+    if master:  # the log restarts from what the checkpoint knows (nothing, for a new run)
+        metrics_path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+
     def record(entry):
         history.append(entry)
         if master:
@@ -1141,7 +1145,8 @@ def build_parser():
     return p
 
 
-# A resumed run continues the saved run: these settings come from its checkpoint and cannot change.
+# A resumed run continues the saved run with the saved settings; flags typed again override them,
+# except these, which define the data, the model or the optimization path and cannot change.
 RESUME_FIXED = ["model_size", "vocab_size", "dropout", "dataset_config", "max_seq_len", "mask_prob",
                 "batch_size", "grad_accum_steps", "lr", "warmup", "seed"]
 
@@ -1150,22 +1155,18 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        # Which flags did the user type? Parse again with every default removed.
-        bare = build_parser()
-        bare.set_defaults(**{k: argparse.SUPPRESS for k in vars(args)})
-        given = vars(bare.parse_args(argv))
+        # Which flags did the user type? Parse again with a marker as every default.
+        bare, unset = build_parser(), object()
+        bare.set_defaults(**{k: unset for k in vars(args)})
+        given = {k: v for k, v in vars(bare.parse_args(argv)).items() if v is not unset}
         saved = read_checkpoint(args.resume).get("args", {})
         for k in RESUME_FIXED:
             if k in given and k in saved and given[k] != saved[k]:
                 parser.error(f"--{k} {given[k]} differs from the resumed run's {saved[k]}; "
                              "it cannot change when resuming")
-            if k in saved:
-                setattr(args, k, saved[k])
-        for k in ("epochs", "checkpoint", "data_dir"):
-            if k not in given and saved.get(k) is not None:
-                setattr(args, k, saved[k])
-        if "checkpoint" not in given and not saved.get("checkpoint"):
-            args.checkpoint = args.resume
+        for k, v in saved.items():
+            if k in vars(args) and k not in given and k not in ("resume", "overwrite"):
+                setattr(args, k, v)
     if args.checkpoint is None:
         args.checkpoint = f"checkpoints/bert_{args.model_size}.pt"
     positive = ["epochs", "batch_size", "grad_accum_steps", "vocab_size", "log_every"]

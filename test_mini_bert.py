@@ -114,10 +114,12 @@ def export_hf(model, tokenizer, out_dir):
     hf_model = transformers.BertForPreTraining(hf_config)
     hf_model.load_state_dict(bert.hf_state_dict(model), strict=True)
     hf_model.save_pretrained(out_dir)
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+    hf_tokenizer = transformers.BertTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=c.max_position_embeddings)
     hf_tokenizer.save_pretrained(out_dir)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])  # for slow BertTokenizer
+    (Path(out_dir) / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
 def parse_args(argv=None):
@@ -163,9 +165,9 @@ def run(args):
         say(f"wrote a transformers model to {args.export_hf}/ (BertForPreTraining.from_pretrained"
             f"('{args.export_hf}'), pipeline('fill-mask', model='{args.export_hf}'))")
 
-    demo = not (args.text or args.sentence_a or args.eval or args.export_hf)
-    texts = [args.text] if args.text else (DEMO_MASKED if demo else [])
-    pairs = [(args.sentence_a, args.sentence_b)] if args.sentence_a else (DEMO_PAIRS if demo else [])
+    asked = args.text is not None or args.sentence_a is not None or args.eval or args.export_hf
+    texts = [args.text] if args.text is not None else ([] if asked else DEMO_MASKED)
+    pairs = [(args.sentence_a, args.sentence_b)] if args.sentence_a is not None else ([] if asked else DEMO_PAIRS)
     if texts:
         result["fill_mask"] = []
         for text in texts:

@@ -1,0 +1,273 @@
+"""The two scripts as users run them: train -> checkpoint -> predictions -> transformers export,
+and one clear message with a non-zero exit (never a traceback) for every bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import BERT_from_scratch as bert
+from conftest import REPO, TINY_TRAIN, WIKITEXT_DIR, needs_wikitext, run_script
+
+import test_mini_bert
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data_dir):
+    """A tiny model trained for a few steps by the command line, as a user would."""
+    path = tmp_path_factory.mktemp("run") / "tiny.pt"
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
+                        "--max_steps", "8", "--checkpoint", path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def json_of(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_training_output(trained):
+    ckpt = torch.load(trained, weights_only=True)
+    assert ckpt["step"] == 8 and set(ckpt["metrics"]) == {"validation", "test"}
+    for split in ("validation", "test"):
+        m = ckpt["metrics"][split]
+        assert 0 <= m["mlm_accuracy"] <= 1 and 0 <= m["nsp_accuracy"] <= 1
+        assert m["perplexity"] == pytest.approx(torch.tensor(m["mlm_loss"]).exp().item(), rel=1e-6)
+    assert ckpt["command"].startswith("python ") and "--max_steps 8" in ckpt["command"]
+    assert ckpt["args"]["model_size"] == "tiny" and ckpt["config"]["hidden_size"] == 128
+
+
+def test_fill_mask_json(trained):
+    out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--top_k", "4",
+                             "--text", "the castle was [MASK] near the [mask] ."))
+    assert out["checkpoint"] == str(trained)
+    (entry,) = out["fill_mask"]
+    assert len(entry["predictions"]) == 2  # one list per [MASK], "[mask]" accepted too
+    for predictions in entry["predictions"]:
+        assert len(predictions) == 4
+        probs = [p["probability"] for p in predictions]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+        assert not {p["token"] for p in predictions} & set(bert.SPECIAL_TOKENS)
+
+
+def test_next_sentence_and_demo(trained):
+    out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json",
+                             "--sentence_a", "the castle was built .", "--sentence_b", "the river is long ."))
+    (entry,) = out["next_sentence"]
+    assert 0 <= entry["is_next_probability"] <= 1
+    demo = run_script("test_mini_bert.py", "--checkpoint", trained)
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.count("P(IsNext)") == 2 and demo.stdout.count("[MASK]") >= 4
+    assert f"loaded {trained}" in demo.stdout
+
+
+def test_eval_reproduces_the_training_scores(trained, tiny_data_dir):
+    out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--eval", "--json",
+                             "--data_dir", tiny_data_dir))
+    # Same fixed-seed pairs and masks, same fp32 arithmetic: the very same numbers.
+    assert out["test"] == torch.load(trained, weights_only=True)["metrics"]["test"]
+
+
+def test_predictions_survive_long_input_with_a_notice(trained):
+    text = "the castle " * 200 + "[MASK] ."
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, "--text", "[MASK] " + text)
+    assert result.returncode == 0 and "notice: the text has" in result.stderr and "truncated" in result.stderr
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, "--sentence_a", text,
+                        "--sentence_b", "the river .")
+    assert result.returncode == 0 and "truncated" in result.stderr and "P(IsNext)" in result.stdout
+
+
+def test_export_to_transformers_round_trip(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out_dir = tmp_path / "hf"
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, "--export_hf", out_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, tokenizer = bert.load_checkpoint(trained)
+    hf = transformers.BertForPreTraining.from_pretrained(out_dir).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    texts = [("the castle was [MASK] near the river .", "many people came ."), ("a [MASK] song", "the end .")]
+    enc = hf_tokenizer([a for a, _ in texts], [b for _, b in texts], padding=True, return_tensors="pt")
+    for i, (a, b) in enumerate(texts):
+        n = int(enc["attention_mask"][i].sum())
+        assert enc["input_ids"][i, :n].tolist() == tokenizer.encode(a, b).ids
+    with torch.no_grad():
+        mine = ours(enc["input_ids"], enc["token_type_ids"], enc["attention_mask"])
+        theirs = hf(**enc)
+    real = enc["attention_mask"].bool()
+    assert torch.allclose(mine.mlm_logits[real], theirs.prediction_logits[real], atol=1e-5)
+    assert torch.allclose(mine.nsp_logits, theirs.seq_relationship_logits, atol=1e-5)
+    # The other BERT classes load the same folder without missing weights.
+    for cls in (transformers.BertForMaskedLM, transformers.BertModel):
+        _, info = cls.from_pretrained(out_dir, output_loading_info=True)
+        assert info["missing_keys"] == [] or set(info["missing_keys"]) <= {"cls.predictions.decoder.weight"}
+    # fill-mask through transformers' pipeline gives test_mini_bert.py's predictions.
+    text = "the castle was [MASK] near the river ."
+    pipe = transformers.pipeline("fill-mask", model=str(out_dir), device="cpu")
+    ranked = [r for r in pipe(text, top_k=50) if r["token_str"] not in bert.SPECIAL_TOKENS][:5]
+    ours_json = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--text", text))
+    mine = ours_json["fill_mask"][0]["predictions"][0]
+    assert [hf_tokenizer.convert_ids_to_tokens(r["token"]) for r in ranked] == [p["token"] for p in mine]
+    assert [r["score"] for r in ranked] == pytest.approx([p["probability"] for p in mine], abs=1e-5)
+
+
+# Where the checkpoint comes from ------------------------------------------------------------
+
+def test_default_checkpoint_prefers_the_users_newest_training_output(tmp_path, trained):
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(trained, tmp_path / "checkpoints" / "bert_tiny.pt")
+    result = run_script("test_mini_bert.py", "--text", "the [MASK] .", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "loaded checkpoints/bert_tiny.pt" in result.stdout
+
+
+def test_default_checkpoint_falls_back_to_the_shipped_model(tmp_path):
+    result = run_script("test_mini_bert.py", "--text", "the [MASK] .", cwd=tmp_path)
+    if test_mini_bert.SHIPPED_CHECKPOINT.exists():
+        assert result.returncode == 0 and f"loaded {test_mini_bert.SHIPPED_CHECKPOINT}" in result.stdout
+    else:
+        assert result.returncode == 1 and str(test_mini_bert.SHIPPED_CHECKPOINT) in result.stderr
+
+
+def test_training_never_replaces_a_file_it_did_not_create(tmp_path, tiny_data_dir, trained):
+    target = tmp_path / "precious.pt"
+    shutil.copy(trained, target)
+    before = target.read_bytes()
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
+                        "--max_steps", "2", "--checkpoint", target)
+    assert result.returncode == 1 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert target.read_bytes() == before
+    assert "Traceback" not in result.stderr
+
+
+# Bad input: one clear message, a non-zero exit, no traceback -------------------------------------
+
+def corpus_without_pairs(folder):
+    folder.mkdir()
+    for split in bert.SPLITS:
+        (folder / f"{split}.txt").write_text(" = A = \n Only one sentence here . \n = B = \n Another one . \n")
+    return folder
+
+
+def missing_test_split(folder):
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.txt").write_text(" = A = \n One . Two . \n")
+    return folder
+
+
+TRAIN_ERRORS = [  # (flags, exit code, words of the message)
+    (["--batch_size", "0"], 2, "--batch_size must be positive"),
+    (["--epochs", "-1"], 2, "--epochs must be positive"),
+    (["--mask_prob", "0"], 2, "--mask_prob must be in (0, 1)"),
+    (["--mask_prob", "1.5"], 2, "--mask_prob must be in (0, 1)"),
+    (["--max_seq_len", "4"], 2, "--max_seq_len must be between"),
+    (["--max_seq_len", "1024"], 2, "--max_seq_len must be between"),
+    (["--lr", "0"], 2, "--lr must be positive"),
+    (["--model_size", "huge"], 2, "invalid choice"),
+    (["--dtype", "fp16", "--device", "cpu"], 1, "--dtype fp16 needs --device cuda"),
+]
+
+
+@pytest.mark.parametrize("flags, code, message", TRAIN_ERRORS)
+def test_bad_training_flags(flags, code, message, tiny_data_dir, tmp_path):
+    result = run_script("BERT_from_scratch.py", "--data_dir", tiny_data_dir, "--checkpoint",
+                        tmp_path / "x.pt", "--num_workers", "0", *flags)
+    assert result.returncode == code and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tiny_data_dir):
+    for script in ("BERT_from_scratch.py", "test_mini_bert.py"):
+        result = run_script(script, "--device", "cuda")
+        assert result.returncode == 2 and "CUDA is not available" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("make_data, message", [
+    (corpus_without_pairs, "no article with two sentences"),
+    (missing_test_split, "has no test.txt"),
+])
+def test_bad_training_data(make_data, message, tmp_path):
+    data = make_data(tmp_path / "data")
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", data, "--checkpoint", tmp_path / "x.pt")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_output_is_caught_before_training(tmp_path, tiny_data_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
+                        "--checkpoint", blocker / "model.pt")
+    assert result.returncode == 1 and "cannot write the checkpoint" in result.stderr
+    assert "data:" not in result.stdout  # it failed before loading any data
+    assert "Traceback" not in result.stderr
+
+
+def test_hub_unreachable_names_the_offline_options(tmp_path):
+    result = run_script("BERT_from_scratch.py", "--checkpoint", tmp_path / "x.pt",
+                        env={"HF_HOME": str(tmp_path / "empty_hf_home"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "--data_dir" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_checkpoints_for_predictions(tmp_path, trained):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(trained.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, message in [(tmp_path / "missing.pt", "does not exist"), (truncated, "not a readable checkpoint"),
+                          (foreign, "not a checkpoint of BERT_from_scratch.py")]:
+        result = run_script("test_mini_bert.py", "--checkpoint", path)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--text", "no mask here"], 1, "no [MASK] in the text"),
+    (["--text", "   "], 1, "the text is empty"),
+    (["--sentence_a", "", "--sentence_b", "the river ."], 1, "must both be non-empty"),
+    (["--sentence_a", "only one"], 2, "go together"),
+    (["--top_k", "0", "--text", "a [MASK]"], 2, "--top_k must be positive"),
+])
+def test_bad_prediction_input(flags, code, message, trained):
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, *flags)
+    assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
+
+
+# The real data --------------------------------------------------------------------------------
+
+HF_CACHE = WIKITEXT_DIR.parent / "hf-cache" / "datasets" / "Salesforce___wikitext"
+
+
+@pytest.mark.skipif(not HF_CACHE.is_dir(), reason="no prepared datasets cache beside the data")
+def test_default_source_is_the_datasets_wikitext_and_matches_the_text_files(tmp_path):
+    # The seed command's path: load_dataset("Salesforce/wikitext", "wikitext-2-v1"), offline.
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "Salesforce___wikitext").symlink_to(HF_CACHE.resolve())
+    code = ("import BERT_from_scratch as b\n"
+            "hub = b.load_wikitext('wikitext-2-v1', None)\n"
+            f"local = b.load_wikitext('wikitext-2-v1', {str(WIKITEXT_DIR)!r})\n"
+            "assert all(b.split_articles(hub[s]) == b.split_articles(local[s]) for s in b.SPLITS)\n"
+            "print('same articles', [len(hub[s]) for s in b.SPLITS])\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "same articles [36718, 3760, 4358]" in result.stdout
+
+
+@needs_wikitext
+def test_real_wikitext2_smoke_run(tmp_path):
+    path = tmp_path / "real.pt"
+    result = run_script("BERT_from_scratch.py", "--device", "cpu", "--data_dir", WIKITEXT_DIR,
+                        "--model_size", "tiny", "--max_steps", "20", "--log_every", "10",
+                        "--checkpoint", path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "629 articles" in result.stdout and "16,384 tokens" in result.stdout
+    out = json_of(run_script("test_mini_bert.py", "--checkpoint", path, "--eval", "--json",
+                             "--data_dir", WIKITEXT_DIR, timeout=900))
+    assert out["test"]["pairs"] > 18_000 and out["test"]["masked_tokens"] > 30_000
