@@ -213,7 +213,9 @@ class BertForPreTraining(nn.Module):
             # runs only at the ~15% of positions that carry a label.
             if mlm_positions is None:
                 mlm_positions = (mlm_labels.view(-1) != -100).nonzero().squeeze(1)
-            h_masked = h.reshape(-1, h.size(-1)).index_select(0, mlm_positions)  # (n_masked, H)
+            # gather, whose backward is a scatter-add: torch.compile turns the backward of plain
+            # indexing into a dense (B*T x n_masked) comparison that costs more than the model.
+            h_masked = h.flatten(0, 1).gather(0, mlm_positions[:, None].expand(-1, h.size(-1)))  # (n_masked, H)
             mlm_logits = self.mlm_head(h_masked)  # (n_masked, V)
             targets = mlm_labels.view(-1).index_select(0, mlm_positions)
             mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
@@ -572,8 +574,10 @@ def training_batches(corpus, args, epoch, rank=0, world_size=1):
     return pairs, mine, padding
 
 
-def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, batch_size=128):
-    """A split's evaluation set: fixed-seed negatives and masks, batches sorted by length."""
+def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, batch_size=32):
+    """A split's evaluation set: fixed-seed negatives and masks, batches sorted by length.
+    (Batches of 32 evaluate faster on CPU than larger ones, and fragment the heap far less:
+    measured 21 s and +0.8 GB peak at 32 against 31 s and +4 GB at 128, mini on validation.)"""
     pairs = build_pairs(corpus, rng_for(EVAL_SEED, 0, PAIR_STREAM))
     order = np.argsort(pair_lengths(corpus, pairs, max_seq_len), kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -958,7 +962,9 @@ def train(args):
     stats = torch.zeros(4, device=device)  # loss and accuracy sums since the last log line
     counts = np.zeros(3)  # masked tokens, pairs, real tokens since the last log line
     t_log = time.time()
+    t_start, tokens_seen = time.time(), 0
     while epoch < args.epochs and step < max_steps and stop.signum is None:
+        t_epoch, tokens_at_epoch_start = time.time(), tokens_seen
         pairs, batches, padding = training_batches(corpora["train"], args, epoch, rank, world_size)
         dataset = PretrainingBatches(corpora["train"], pairs, batches, args.max_seq_len,
                                      args.mask_prob, vocab_size, args.seed, epoch)
@@ -984,7 +990,9 @@ def train(args):
                 group["lr"] = lr
             for k, batch in enumerate(micro_batches):
                 no_padding = bool(batch["attention_mask"].all())  # checked on the host
-                counts += (n_mlm[k], n_nsp[k], int(batch["attention_mask"].sum()))
+                n_tokens = int(batch["attention_mask"].sum())
+                counts += (n_mlm[k], n_nsp[k], n_tokens)
+                tokens_seen += n_tokens
                 batch = batch_to_device(batch, device)
                 last = k == len(micro_batches) - 1
                 with (model.no_sync() if ddp and not last else nullcontext()), autocast_for(device, dtype):
@@ -1041,6 +1049,9 @@ def train(args):
             if args.save_every and step % args.save_every == 0:
                 save(latest_metrics)
         bar.close()
+        elapsed = time.time() - t_epoch
+        log(f"epoch {epoch + 1}: {elapsed:,.0f}s of training, "
+            f"{(tokens_seen - tokens_at_epoch_start) / elapsed:,.0f} tokens/s (this process)")
         if stop.signum is not None:
             break
         if step_in_epoch == steps_per_epoch:
@@ -1072,8 +1083,20 @@ def train(args):
         dist.destroy_process_group()
         if not same:
             raise UserError("the model replicas diverged across processes")
-    log(f"done: {step:,} steps; checkpoint {checkpoint_path}, metrics log {metrics_path}")
+    log(f"done: {step:,} steps in {time.time() - t_start:,.0f}s (evaluation included), peak memory "
+        f"{peak_memory_gib():.2f} GiB; checkpoint {checkpoint_path}, metrics log {metrics_path}")
     return 0
+
+
+def peak_memory_gib():
+    """Peak resident memory of this process in GiB (VmHWM: unlike ru_maxrss, it does not carry
+    over the high-water mark of the process that started us)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 def check_output_path(path, resuming_from, overwrite):
