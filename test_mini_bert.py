@@ -122,6 +122,20 @@ def export_hf(model, tokenizer, out_dir):
     (Path(out_dir) / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
+def export_release(ckpt, path):
+    """A small file to share: half-precision weights (load_checkpoint restores fp32), config,
+    tokenizer, metrics and how it was trained; no optimizer state, so it cannot be resumed."""
+    path = Path(path)
+    if path.exists():
+        raise bert.UserError(f"{path} already exists; remove it first or choose another path")
+    release = {k: v for k, v in ckpt.items() if k != "train_state"}
+    halves = {}  # by storage, so that the tied embedding/decoder matrix stays one tensor
+    release["model"] = {k: halves.setdefault(v.data_ptr(), v.half()) if v.is_floating_point() else v
+                        for k, v in ckpt["model"].items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bert.atomic_save(release, path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Predictions from a BERT_from_scratch.py checkpoint.")
     p.add_argument("--checkpoint", default=None,
@@ -136,6 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default=None, help="for --eval: a local WikiText copy")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--export_hf", metavar="DIR", help="write a transformers model folder")
+    p.add_argument("--export_release", metavar="PATH", help="write a small release file (fp16 weights)")
     args = p.parse_args(argv)
     if args.top_k <= 0:
         p.error(f"--top_k must be positive, got {args.top_k}")
@@ -165,7 +180,13 @@ def run(args):
         say(f"wrote a transformers model to {args.export_hf}/ (BertForPreTraining.from_pretrained"
             f"('{args.export_hf}'), pipeline('fill-mask', model='{args.export_hf}'))")
 
-    asked = args.text is not None or args.sentence_a is not None or args.eval or args.export_hf
+    if args.export_release:
+        export_release(ckpt, args.export_release)
+        result["export_release"] = args.export_release
+        say(f"wrote {args.export_release} ({Path(args.export_release).stat().st_size / 2 ** 20:.1f} MiB)")
+
+    asked = (args.text is not None or args.sentence_a is not None or args.eval or args.export_hf
+             or args.export_release)
     texts = [args.text] if args.text is not None else ([] if asked else DEMO_MASKED)
     pairs = [(args.sentence_a, args.sentence_b)] if args.sentence_a is not None else ([] if asked else DEMO_PAIRS)
     if texts:

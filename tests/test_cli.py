@@ -105,6 +105,20 @@ def test_export_to_transformers_round_trip(trained, tmp_path):
     for cls in (transformers.BertForMaskedLM, transformers.BertModel):
         _, info = cls.from_pretrained(out_dir, output_loading_info=True)
         assert info["missing_keys"] == [] or set(info["missing_keys"]) <= {"cls.predictions.decoder.weight"}
+    # Fine-tuning for classification, as the README shows: the encoder loads, the new head trains.
+    classifier = transformers.BertForSequenceClassification.from_pretrained(out_dir, num_labels=2)
+    for name, p in hf.bert.named_parameters():  # the pretrained encoder, not a fresh one
+        assert torch.equal(classifier.bert.get_parameter(name), p), name
+    batch = hf_tokenizer(["a castle near the river .", "the album was a song ."], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = classifier(**batch, labels=torch.tensor([0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
     # fill-mask through transformers' pipeline gives test_mini_bert.py's predictions.
     text = "the castle was [MASK] near the river ."
     pipe = transformers.pipeline("fill-mask", model=str(out_dir), device="cpu")
@@ -113,6 +127,25 @@ def test_export_to_transformers_round_trip(trained, tmp_path):
     mine = ours_json["fill_mask"][0]["predictions"][0]
     assert [hf_tokenizer.convert_ids_to_tokens(r["token"]) for r in ranked] == [p["token"] for p in mine]
     assert [r["score"] for r in ranked] == pytest.approx([p["probability"] for p in mine], abs=1e-5)
+
+
+def test_release_export_is_small_and_predicts_the_same(trained, tmp_path):
+    release = tmp_path / "release.pt"
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, "--export_release", release)
+    assert result.returncode == 0, result.stderr
+    raw = torch.load(release, weights_only=True)
+    assert "train_state" not in raw and raw["step"] == 8 and raw["metrics"]
+    assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+    n_params = bert.load_checkpoint(trained)[0].num_parameters()
+    assert release.stat().st_size < 2 * n_params * 1.1  # two bytes a parameter: the tied matrix once
+    again = run_script("test_mini_bert.py", "--checkpoint", trained, "--export_release", release)
+    assert again.returncode == 1 and "already exists" in again.stderr  # never replaced
+    text = "the castle was [MASK] near the river ."
+    full = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--text", text))
+    half = json_of(run_script("test_mini_bert.py", "--checkpoint", release, "--json", "--text", text))
+    p_full = [p["probability"] for p in full["fill_mask"][0]["predictions"][0]]
+    p_half = [p["probability"] for p in half["fill_mask"][0]["predictions"][0]]
+    assert p_half == pytest.approx(p_full, abs=2e-3)
 
 
 # Where the checkpoint comes from ------------------------------------------------------------
