@@ -845,9 +845,9 @@ def train(args):
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        if ddp:
+        if ddp:  # one GPU per process
             device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
