@@ -332,18 +332,22 @@ def normalize_wikitext(line):
 
 def split_articles(lines):
     """WikiText lines -> articles, each a list of sentences (headings and blank lines dropped)."""
+    lines = [line.rstrip("\n") for line in lines]
     articles = []
-    for line in lines:
-        line = line.rstrip("\n")
-        if _TITLE.match(line):
-            articles.append([])
-        elif not line.strip() or _HEADING.match(line):
-            continue
-        else:
-            if not articles:  # text before the first title: an article of its own
+    for i, line in enumerate(lines):
+        if _TITLE.match(line) or _HEADING.match(line):
+            # A title stands between blank lines; " = Played , W = " inside a table does not.
+            between_blanks = ((i == 0 or not lines[i - 1].strip())
+                              and (i + 1 == len(lines) or not lines[i + 1].strip()))
+            if _TITLE.match(line) and between_blanks:
                 articles.append([])
-            text = " " + normalize_wikitext(line.strip())
-            articles[-1].extend(s.strip() for s in _SENTENCE_END.split(text) if s.strip())
+            continue  # headings and table markup are no sentences
+        if not line.strip():
+            continue
+        if not articles:  # text before the first title: an article of its own
+            articles.append([])
+        text = " " + normalize_wikitext(line.strip())
+        articles[-1].extend(s.strip() for s in _SENTENCE_END.split(text) if s.strip())
     return articles
 
 

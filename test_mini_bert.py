@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +97,21 @@ class Predictor:
             b.truncate(int(len_b))
         encoding = self.tokenizer.post_process(a, b)
         return F.softmax(self._run(encoding).nsp_logits[0].float(), dim=-1)[0].item()
+
+
+def baselines(train_corpus, dataset, tokenizer):
+    """What needs no model, on the same test pairs and masks: chance, and the unigram model of
+    the training split (always predict its most frequent ordinary token; its perplexity)."""
+    counts = np.bincount(train_corpus.ids, minlength=dataset.vocab_size).astype(np.float64)
+    counts[:bert.N_SPECIAL] = 0  # special tokens are never targets
+    probs = (counts + 1) / (counts + 1)[bert.N_SPECIAL:].sum()  # add-one smoothing
+    targets = np.concatenate([dataset[i]["mlm_labels"].view(-1)[dataset[i]["mlm_positions"]].numpy()
+                              for i in range(len(dataset))])
+    top = int(counts.argmax())
+    return {"chance_mlm_accuracy": 1 / (dataset.vocab_size - bert.N_SPECIAL), "chance_nsp_accuracy": 0.5,
+            "unigram_token": tokenizer.id_to_token(top),
+            "unigram_mlm_accuracy": float((targets == top).mean()),
+            "unigram_perplexity": float(np.exp(-np.log(probs[targets]).mean()))}
 
 
 def export_hf(model, tokenizer, out_dir):
@@ -210,14 +226,18 @@ def run(args):
         data_args = argparse.Namespace(
             dataset_config=args.dataset_config or train_args.get("dataset_config", "wikitext-2-v1"),
             data_dir=args.data_dir, vocab_size=None)
-        _, corpora = bert.prepare_data(data_args, tokenizer, splits=("test",), log=say)
+        _, corpora = bert.prepare_data(data_args, tokenizer, splits=("train", "test"), log=say)
         dataset = bert.eval_batches(corpora["test"], max_seq_len, train_args.get("mask_prob", 0.15),
                                     tokenizer.get_vocab_size())
         dtype = bert.resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
         metrics = bert.evaluate(model, dataset, device, dtype)
-        result["test"] = metrics
+        base = baselines(corpora["train"], dataset, tokenizer)
+        result["test"], result["baselines"] = metrics, base
         say(f"\ntest split: {bert.format_metrics(metrics)} "
             f"({metrics['masked_tokens']:,} masked tokens, {metrics['pairs']:,} pairs)")
+        say(f"baselines on the same pairs and masks: chance MLM acc {base['chance_mlm_accuracy']:.3%}, "
+            f"NSP acc 50%; unigram (always '{base['unigram_token']}') MLM acc "
+            f"{base['unigram_mlm_accuracy']:.2%}, unigram ppl {base['unigram_perplexity']:,.0f}")
     for notice in predictor.notices:
         print(f"notice: {notice}", file=sys.stderr)
     if args.json:

@@ -300,7 +300,7 @@ def test_real_wikitext2_smoke_run(tmp_path):
                         "--model_size", "tiny", "--max_steps", "20", "--log_every", "10",
                         "--checkpoint", path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "629 articles" in result.stdout and "16,384 tokens" in result.stdout
+    assert "600 articles" in result.stdout and "16,384 tokens" in result.stdout
     out = json_of(run_script("test_mini_bert.py", "--checkpoint", path, "--eval", "--json",
                              "--data_dir", WIKITEXT_DIR, timeout=900))
     assert out["test"]["pairs"] > 18_000 and out["test"]["masked_tokens"] > 30_000
