@@ -182,14 +182,14 @@ def test_training_never_replaces_a_file_it_did_not_create(tmp_path, tiny_data_di
 def corpus_without_pairs(folder):
     folder.mkdir()
     for split in bert.SPLITS:
-        (folder / f"{split}.txt").write_text(" = A = \n Only one sentence here . \n = B = \n Another one . \n")
+        (folder / f"{split}.txt").write_text(" \n = A = \n \n Only one sentence here . \n \n = B = \n \n Another one . \n")
     return folder
 
 
 def missing_test_split(folder):
     folder.mkdir()
     for split in ("train", "validation"):
-        (folder / f"{split}.txt").write_text(" = A = \n One . Two . \n")
+        (folder / f"{split}.txt").write_text(" \n = A = \n \n One . Two . \n")
     return folder
 
 

@@ -15,7 +15,7 @@ from conftest import WIKITEXT_DIR, needs_wikitext
 def test_split_articles_titles_headings_and_sentences():
     lines = [" ", " = First Article = ", " ", " = = Early life = = ", " ",
              " It was built in 1 @,@ 200 . It cost 3 @.@ 5 million ! Was it north @-@ west ? ",
-             " = = = Later = = = ", " A <unk> came . ", " = Second = ", " One more sentence . "]
+             " = = = Later = = = ", " A <unk> came . ", " ", " = Second = ", " ", " One more sentence . "]
     articles = bert.split_articles(lines)
     assert articles == [
         ["It was built in 1,200 .", "It cost 3.5 million !", "Was it north-west ?", "A [UNK] came ."],
