@@ -114,9 +114,8 @@ def baselines(train_corpus, dataset, tokenizer):
             "unigram_perplexity": float(np.exp(-np.log(probs[targets]).mean()))}
 
 
-def export_hf(model, tokenizer, out_dir):
-    """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
-    with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
+def to_transformers(model):
+    """transformers' BertForPreTraining with this model's config and weights."""
     import transformers
 
     c = model.config
@@ -129,10 +128,18 @@ def export_hf(model, tokenizer, out_dir):
         pad_token_id=c.pad_token_id, hidden_act="gelu", architectures=["BertForPreTraining"])
     hf_model = transformers.BertForPreTraining(hf_config)
     hf_model.load_state_dict(bert.hf_state_dict(model), strict=True)
-    hf_model.save_pretrained(out_dir)
+    return hf_model
+
+
+def export_hf(model, tokenizer, out_dir):
+    """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
+    with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
+    import transformers
+
+    to_transformers(model).save_pretrained(out_dir)
     hf_tokenizer = transformers.BertTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=c.max_position_embeddings)
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=model.config.max_position_embeddings)
     hf_tokenizer.save_pretrained(out_dir)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])  # for slow BertTokenizer
     (Path(out_dir) / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")

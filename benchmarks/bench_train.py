@@ -26,19 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import BERT_from_scratch as bert  # noqa: E402
-
-
-def hf_model_like(ours):
-    import transformers
-    c = ours.config
-    hf = transformers.BertForPreTraining(transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
-        hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-        layer_norm_eps=c.layer_norm_eps, hidden_act="gelu", pad_token_id=c.pad_token_id))
-    hf.load_state_dict(bert.hf_state_dict(ours))
-    return hf
+from test_mini_bert import to_transformers as hf_model_like  # noqa: E402  (same config, same weights)
 
 
 def synthetic_batches(n, batch_size, seq_len, vocab_size, mask_prob, seed=0):
