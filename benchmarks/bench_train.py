@@ -178,7 +178,27 @@ def run_mode(args, mode, device, batches, vocab_size):
         if device.type == "cuda":
             result[name]["peak_memory_gib"] = peak_mem[name]
     result["ratio"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    if args.profile:
+        for name in sides:
+            print_profile(name, steps[name], batches[:3], device)
     return result
+
+
+def print_profile(name, step, batches, device, top=12):
+    """Where a training step's time goes: the top operators by self time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for b in batches:
+            step(b)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events)
+    print(f"  profile of {name}, per step ({key.split('_')[1]} time):")
+    for e in events[:top]:
+        t = getattr(e, key)
+        print(f"    {t / len(batches) / 1000:7.1f} ms  {t / total:5.1%}  {e.key[:70]}")
 
 
 def main():
@@ -195,6 +215,7 @@ def main():
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4, help="steps per side per round")
     p.add_argument("--memory", action="store_true", help="also peak RSS per side (CPU, child processes)")
+    p.add_argument("--profile", action="store_true", help="also the top operators of each side's step")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--_memory_of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
