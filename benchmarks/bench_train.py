@@ -192,10 +192,10 @@ def print_profile(name, step, batches, device, top=12):
         for b in batches:
             step(b)
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in events)
-    print(f"  profile of {name}, per step ({key.split('_')[1]} time):")
+    print(f"  profile of {name}, per step ({'GPU' if device.type == 'cuda' else 'CPU'} time):")
     for e in events[:top]:
         t = getattr(e, key)
         print(f"    {t / len(batches) / 1000:7.1f} ms  {t / total:5.1%}  {e.key[:70]}")
