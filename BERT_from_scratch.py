@@ -972,11 +972,13 @@ def train(args):
     while epoch < args.epochs and step < max_steps and stop.signum is None:
         t_epoch, tokens_at_epoch_start = time.time(), tokens_seen
         pairs, batches, padding = training_batches(corpora["train"], args, epoch, rank, world_size)
+        t_pairs = time.time() - t_epoch
         dataset = PretrainingBatches(corpora["train"], pairs, batches, args.max_seq_len,
                                      args.mask_prob, vocab_size, args.seed, epoch)
         loader = iter(make_loader(dataset, args.num_workers, start=step_in_epoch * args.grad_accum_steps,
                                   pin_memory=device.type == "cuda"))
-        log(f"epoch {epoch + 1}/{args.epochs}: {len(pairs):,} pairs, padding {padding:.1%} of tokens")
+        log(f"epoch {epoch + 1}/{args.epochs}: {len(pairs):,} pairs (drawn and grouped in {t_pairs:.2f}s), "
+            f"padding {padding:.1%} of tokens")
         record({"kind": "epoch", "epoch": epoch, "step": step, "pairs": len(pairs), "padding": padding})
         bar = tqdm_bar(total=steps_per_epoch, initial=step_in_epoch, disable=not master,
                        desc=f"epoch {epoch + 1}")
