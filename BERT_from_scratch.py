@@ -52,7 +52,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention weights
     layer_norm_eps: float = 1e-12  # the value of Google's BERT and of transformers
     initializer_range: float = 0.02  # std of the normal init of every weight matrix
-    pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and gets no gradient
+    pad_token_id: int = 0  # [PAD]; its embedding row starts at zero (only the tied decoder updates it)
 
 
 # Google's official BERT miniatures (github.com/google-research/bert, "smaller BERT models"):
@@ -304,7 +304,10 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
             if not path.is_file():
                 raise UserError(f"--data_dir {data_dir} has no {split}.txt (expected train.txt, "
                                 "validation.txt and test.txt, as in ../shared/data/wikitext-2-v1)")
-            lines[split] = path.read_text(encoding="utf-8").split("\n")
+            try:
+                lines[split] = path.read_text(encoding="utf-8").split("\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read {path} as UTF-8 text: {e}") from None
         return lines
     try:
         import datasets  # imported here: only the hub path needs it
@@ -618,6 +621,8 @@ def prepare_data(args, tokenizer=None, splits=SPLITS, log=print):
     t3 = time.time()
     for split in splits:
         c = corpora[split]
+        if len(c) == 0:
+            raise UserError(f"the {split} split has no sentences")
         log(f"data: {split:10s} {c.article.max() + 1:6,} articles {len(c):8,} sentences "
             f"{len(c.ids):10,} tokens ({(c.ids == UNK_ID).mean():.2%} [UNK])")
     log(f"data: read {t1 - t0:.1f}s, tokenizer ({tokenizer.get_vocab_size():,} tokens) "
@@ -643,8 +648,7 @@ def autocast_for(device, dtype):
 
 
 def batch_to_device(batch, device):
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def model_inputs(batch, no_padding):
@@ -800,21 +804,20 @@ def plot_curves(history, png_path):
 
 
 class StopRequest:
-    """SIGINT / SIGTERM: the first finishes the current step, saves a resumable checkpoint and
-    exits; a second one exits at once."""
+    """SIGINT / SIGTERM: the first asks the training loop to save a resumable checkpoint and exit
+    (it does after the current step); a second one exits at once. The handler only sets a flag:
+    printing from it could collide with a progress-bar write in progress."""
 
-    def __init__(self, log):
-        self.signum, self.log = None, log
+    def __init__(self):
+        self.signum = None
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self)
 
     def __call__(self, signum, frame):
         if self.signum is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now without saving", file=sys.stderr)
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting without saving\n".encode())
             os._exit(128 + signum)
         self.signum = signum
-        self.log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-                 "(send it again to exit at once)")
 
 
 def resolve_dtype(name, device):
@@ -891,11 +894,12 @@ def train(args):
     step, epoch, step_in_epoch, history = 0, 0, 0, []
     if ckpt:
         model.load_state_dict(ckpt["model"])
-        state = ckpt.get("train_state")
-        if state is None:
-            raise UserError(f"{args.resume} holds weights only (no optimizer state): it cannot be resumed")
+        state = ckpt["train_state"]
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if state.get("world_size", 1) != world_size:  # the position in the epoch depends on it
+            raise UserError(f"{args.resume} was trained by {state.get('world_size', 1)} process(es); "
+                            f"resume it with the same number, not {world_size}")
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         history = ckpt.get("history", [])
         rngs = state["rng"]
@@ -908,12 +912,16 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
 
-    steps_per_epoch = len(training_batches(corpora["train"], args, 0, rank, world_size)[1]) \
-        // args.grad_accum_steps
+    # Every epoch has as many pairs (each positive and one negative), hence as many full steps.
+    global_batch = args.batch_size * args.grad_accum_steps * world_size
+    n_pairs = len(build_pairs(corpora["train"], np.random.default_rng(0)))
+    steps_per_epoch = n_pairs // global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"a step takes {global_batch:,} pairs but an epoch has only {n_pairs:,}; "
+                        "use a smaller --batch_size")
     total_steps = steps_per_epoch * args.epochs  # the LR schedule; --max_steps only stops early
     warmup_steps = int(args.warmup * total_steps)
     max_steps = min(args.max_steps or total_steps, total_steps)
-    global_batch = args.batch_size * args.grad_accum_steps * world_size
     log(f"model: {args.model_size} (L={config.num_hidden_layers}, H={config.hidden_size}, "
         f"A={config.num_attention_heads}), {raw_model.num_parameters():,} parameters, vocab {vocab_size:,}")
     log(f"training: {args.epochs} epochs x {steps_per_epoch:,} steps, batch {global_batch} = "
@@ -938,6 +946,8 @@ def train(args):
                 f.write(json.dumps(entry) + "\n")
 
     def save(metrics):
+        nonlocal saved_step
+        saved_step = step
         rngs = [rng_states()]
         if ddp:
             rngs = [None] * world_size
@@ -945,7 +955,8 @@ def train(args):
         if not master:
             return
         train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rngs}
+                       "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rngs,
+                       "world_size": world_size}
         try:
             save_checkpoint(checkpoint_path, raw_model, tokenizer, step=step, metrics=metrics,
                             history=history, train_state=train_state, **run_info)
@@ -962,14 +973,20 @@ def train(args):
             dist.barrier()
         return metrics
 
-    stop = StopRequest(log)
+    def agreed(flag):  # every process must take the same decision, or collectives deadlock
+        if not ddp:
+            return flag
+        flag = torch.tensor(float(flag), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    stop, stopping, saved_step = StopRequest(), False, None
     latest_metrics = ckpt.get("metrics", {}) if ckpt else {}
     model.train()
     stats = torch.zeros(4, device=device)  # loss and accuracy sums since the last log line
     counts = np.zeros(3)  # masked tokens, pairs, real tokens since the last log line
-    t_log = time.time()
     t_start, tokens_seen = time.time(), 0
-    while epoch < args.epochs and step < max_steps and stop.signum is None:
+    while epoch < args.epochs and step < max_steps and not stopping:
         t_epoch, tokens_at_epoch_start = time.time(), tokens_seen
         pairs, batches, padding = training_batches(corpora["train"], args, epoch, rank, world_size)
         t_pairs = time.time() - t_epoch
@@ -982,6 +999,7 @@ def train(args):
         record({"kind": "epoch", "epoch": epoch, "step": step, "pairs": len(pairs), "padding": padding})
         bar = tqdm_bar(total=steps_per_epoch, initial=step_in_epoch, disable=not master,
                        desc=f"epoch {epoch + 1}")
+        t_log = time.time()
         while step_in_epoch < steps_per_epoch and step < max_steps:
             micro_batches = [next(loader) for _ in range(args.grad_accum_steps)]
             # The step's loss is the mean over all its masked tokens and all its pairs, across
@@ -989,10 +1007,13 @@ def train(args):
             n_mlm = [len(b["mlm_positions"]) for b in micro_batches]
             n_nsp = [len(b["nsp_labels"]) for b in micro_batches]
             mlm_total, nsp_total = sum(n_mlm), sum(n_nsp)
-            if ddp:
-                totals = torch.tensor([mlm_total, nsp_total], device=device, dtype=torch.float32)
-                dist.all_reduce(totals)
-                mlm_total, nsp_total = totals[0], totals[1]
+            if ddp:  # every batch is full, so only the masked tokens need counting across processes
+                nsp_total *= world_size
+                mlm_total = torch.tensor(float(mlm_total))
+                if device.type == "cuda":  # a pageable host->GPU copy would wait for the GPU
+                    mlm_total = mlm_total.pin_memory()
+                mlm_total = mlm_total.to(device, non_blocking=True)
+                dist.all_reduce(mlm_total)
             lr = lr_at(step, total_steps, warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1024,10 +1045,13 @@ def train(args):
             step_in_epoch += 1
             bar.update()
 
-            stop_now = stop.signum is not None
-            if step % args.log_every == 0 or step == max_steps or step_in_epoch == steps_per_epoch:
-                # The only host-device sync of the loop, every log_every steps.
-                totals = torch.cat([stats, torch.tensor(list(counts) + [stop_now], device=device)])
+            saving = args.save_every and step % args.save_every == 0
+            if (step % args.log_every == 0 or saving or step == max_steps
+                    or step_in_epoch == steps_per_epoch):
+                # The loop's only host-device sync: the sums since the last log line, and whether
+                # any process was asked to stop.
+                totals = torch.cat([stats, torch.tensor(list(counts) + [stop.signum is not None],
+                                                        device=device)])
                 if ddp:
                     dist.all_reduce(totals)
                 s = totals.tolist()
@@ -1048,19 +1072,19 @@ def train(args):
                 stats.zero_()
                 counts[:] = 0
                 t_log = time.time()
-                stop_now = s[7] > 0
-            elif ddp:
-                stop_now = False  # processes agree on stopping only at log steps
-            if stop_now:
-                stop.signum = stop.signum or signal.SIGTERM
+                stopping = s[7] > 0
+            elif not ddp:  # one process decides alone, at every step; several at log steps
+                stopping = stop.signum is not None
+            if stopping:
                 break
-            if args.save_every and step % args.save_every == 0:
+            if saving:  # after the log step's check that the loss is finite
                 save(latest_metrics)
         bar.close()
         elapsed = time.time() - t_epoch
         log(f"epoch {epoch + 1}: {elapsed:,.0f}s of training, "
             f"{(tokens_seen - tokens_at_epoch_start) / elapsed:,.0f} tokens/s (this process)")
-        if stop.signum is not None:
+        if stopping or agreed(stop.signum is not None):
+            stopping = True
             break
         if step_in_epoch == steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
@@ -1068,14 +1092,18 @@ def train(args):
         save(latest_metrics)
         if master and args.plot:
             plot_curves(history, checkpoint_path.with_suffix(".png"))
+        stopping = agreed(stop.signum is not None)  # a signal during the evaluation
 
-    if stop.signum is not None:
-        save(latest_metrics)
-        log(f"stopped by {signal.Signals(stop.signum).name} at step {step:,}; checkpoint saved to "
-            f"{checkpoint_path}. Resume with: python BERT_from_scratch.py --resume {checkpoint_path}")
+    if stopping:
+        signum = stop.signum or signal.SIGTERM  # a process the signal did not reach follows the others
+        log(f"{signal.Signals(signum).name}: stopping at step {step:,}")
+        if saved_step != step:
+            save(latest_metrics)
+        log(f"checkpoint saved to {checkpoint_path}. Resume with: "
+            f"python BERT_from_scratch.py --resume {checkpoint_path}")
         if ddp:
             dist.destroy_process_group()
-        return 128 + stop.signum
+        return 128 + signum
 
     latest_metrics["test"] = run_eval("test", test_set)
     save(latest_metrics)
@@ -1110,6 +1138,8 @@ def peak_memory_gib():
 def check_output_path(path, resuming_from, overwrite):
     """Fail before training, not after an hour: the checkpoint path must be writable, and a run
     never replaces a model file it did not create (unless --overwrite, or resuming that file)."""
+    if path.is_dir():
+        raise UserError(f"--checkpoint {path} is a directory; give a file name such as {path / 'bert.pt'}")
     if path.exists() and not overwrite and not (resuming_from and Path(resuming_from).resolve() == path.resolve()):
         raise UserError(f"{path} already exists; choose another --checkpoint, pass --overwrite to "
                         f"replace it, or --resume {path} to continue it")
@@ -1177,9 +1207,9 @@ def build_parser():
 
 
 # A resumed run continues the saved run with the saved settings; flags typed again override them,
-# except these, which define the data, the model or the optimization path and cannot change.
+# except these, which define the data, the model or the learning-rate schedule and cannot change.
 RESUME_FIXED = ["model_size", "vocab_size", "dropout", "dataset_config", "max_seq_len", "mask_prob",
-                "batch_size", "grad_accum_steps", "lr", "warmup", "seed"]
+                "batch_size", "grad_accum_steps", "lr", "warmup", "epochs", "seed"]
 
 
 def parse_args(argv=None):
@@ -1190,7 +1220,10 @@ def parse_args(argv=None):
         bare, unset = build_parser(), object()
         bare.set_defaults(**{k: unset for k in vars(args)})
         given = {k: v for k, v in vars(bare.parse_args(argv)).items() if v is not unset}
-        saved = read_checkpoint(args.resume).get("args", {})
+        ckpt = read_checkpoint(args.resume)
+        if "train_state" not in ckpt:
+            raise UserError(f"{args.resume} holds weights only (no optimizer state): it cannot be resumed")
+        saved = ckpt.get("args", {})
         for k in RESUME_FIXED:
             if k in given and k in saved and given[k] != saved[k]:
                 parser.error(f"--{k} {given[k]} differs from the resumed run's {saved[k]}; "
@@ -1201,6 +1234,8 @@ def parse_args(argv=None):
     if args.checkpoint is None:
         args.checkpoint = f"checkpoints/bert_{args.model_size}.pt"
     positive = ["epochs", "batch_size", "grad_accum_steps", "vocab_size", "log_every"]
+    if args.seed < 0:
+        parser.error(f"--seed must be non-negative, got {args.seed}")
     for k in positive:
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
@@ -1226,6 +1261,11 @@ def parse_args(argv=None):
         parser.error("--device cuda: CUDA is not available here (use --device cpu)")
     if args.compile and not hasattr(torch, "compile"):
         parser.error("--compile needs PyTorch 2")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail now, not after the first epoch)
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
     return args
 
 

@@ -136,6 +136,12 @@ def export_hf(model, tokenizer, out_dir):
     with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
     import transformers
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise bert.UserError(f"cannot create {out_dir}: {e}") from None
     to_transformers(model).save_pretrained(out_dir)
     hf_tokenizer = transformers.BertTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
@@ -155,8 +161,11 @@ def export_release(ckpt, path):
     halves = {}  # by storage, so that the tied embedding/decoder matrix stays one tensor
     release["model"] = {k: halves.setdefault(v.data_ptr(), v.half()) if v.is_floating_point() else v
                         for k, v in ckpt["model"].items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bert.atomic_save(release, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bert.atomic_save(release, path)
+    except OSError as e:
+        raise bert.UserError(f"cannot write {path}: {e}") from None
 
 
 def parse_args(argv=None):

@@ -29,17 +29,21 @@ timeout 120 python benchmarks/bench_train.py --device cuda --modes fp32 best --w
     --steps 25 --json "$OUT/bench_cuda.json" 2>&1 | log "$OUT/bench_cuda.txt"
 
 echo "== 2. the seed command" | tee "$OUT/seed.txt"
-rm -f checkpoints/bert_mini.pt
+# Run from a scratch folder: the command writes checkpoints/bert_mini.pt where it runs, and a
+# user's own checkpoints/ must not be touched.
+REPO=$PWD; SEED="$RUN/seed"; rm -rf "$SEED"; mkdir -p "$SEED"
 start=$(date +%s)
 if python -c "import datasets" 2>/dev/null; then
-  timeout 300 python BERT_from_scratch.py --device cuda --epochs 2 --batch_size 16 2>&1 | log "$OUT/seed.txt"
+  (cd "$SEED" && timeout 300 python "$REPO/BERT_from_scratch.py" --device cuda --epochs 2 --batch_size 16) \
+      2>&1 | log "$OUT/seed.txt"
 else  # no `datasets` here: the same command on the local copy of the data
   echo "(datasets is not importable here: adding --data_dir $DATA)" | tee -a "$OUT/seed.txt"
-  timeout 300 python BERT_from_scratch.py --device cuda --epochs 2 --batch_size 16 --data_dir "$DATA" \
-      2>&1 | log "$OUT/seed.txt"
+  DATA_ABS=$(realpath "$DATA")
+  (cd "$SEED" && timeout 300 python "$REPO/BERT_from_scratch.py" --device cuda --epochs 2 --batch_size 16 \
+      --data_dir "$DATA_ABS") 2>&1 | log "$OUT/seed.txt"
 fi
 echo "seed command wall time: $(( $(date +%s) - start ))s" | tee -a "$OUT/seed.txt"
-cp checkpoints/bert_mini.metrics.jsonl "$OUT/seed.metrics.jsonl" 2>/dev/null
+cp "$SEED/checkpoints/bert_mini.metrics.jsonl" "$OUT/seed.metrics.jsonl" 2>/dev/null
 
 echo "== 3. the release training run: ${RELEASE_FLAGS[*]}" | tee "$OUT/release.txt"
 ckpt="$RUN/bert-mini-release-run.pt"

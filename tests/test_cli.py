@@ -186,6 +186,20 @@ def corpus_without_pairs(folder):
     return folder
 
 
+def empty_validation_split(folder):
+    folder.mkdir()
+    for split in bert.SPLITS:
+        (folder / f"{split}.txt").write_text(" \n = A = \n \n One . Two . \n \n = B = \n \n Three . Four . \n")
+    (folder / "validation.txt").write_text(" \n = = Only a heading = = \n")
+    return folder
+
+
+def latin1_split(folder):
+    empty_validation_split(folder)
+    (folder / "test.txt").write_bytes(" = Caf\xe9 = \n".encode("latin-1"))
+    return folder
+
+
 def missing_test_split(folder):
     folder.mkdir()
     for split in ("train", "validation"):
@@ -202,6 +216,8 @@ TRAIN_ERRORS = [  # (flags, exit code, words of the message)
     (["--max_seq_len", "1024"], 2, "--max_seq_len must be between"),
     (["--lr", "0"], 2, "--lr must be positive"),
     (["--model_size", "huge"], 2, "invalid choice"),
+    (["--seed", "-1"], 2, "--seed must be non-negative"),
+    (["--batch_size", "100000"], 1, "use a smaller --batch_size"),
     (["--dtype", "fp16", "--device", "cpu"], 1, "--dtype fp16 needs --device cuda"),
 ]
 
@@ -225,6 +241,8 @@ def test_cuda_requested_without_cuda(tiny_data_dir):
 @pytest.mark.parametrize("make_data, message", [
     (corpus_without_pairs, "no article with two sentences"),
     (missing_test_split, "has no test.txt"),
+    (empty_validation_split, "the validation split has no sentences"),
+    (latin1_split, "as UTF-8 text"),
 ])
 def test_bad_training_data(make_data, message, tmp_path):
     data = make_data(tmp_path / "data")
@@ -240,6 +258,30 @@ def test_unwritable_output_is_caught_before_training(tmp_path, tiny_data_dir):
     assert result.returncode == 1 and "cannot write the checkpoint" in result.stderr
     assert "data:" not in result.stdout  # it failed before loading any data
     assert "Traceback" not in result.stderr
+
+
+def test_bad_output_paths(tmp_path, tiny_data_dir, trained):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
+                        "--checkpoint", folder, "--overwrite")
+    assert result.returncode == 1 and "is a directory" in result.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for flag, target, message in [("--export_release", blocker / "x.pt", "cannot write"),
+                                  ("--export_hf", blocker, "is a file")]:
+        result = run_script("test_mini_bert.py", "--checkpoint", trained, flag, target)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, tiny_data_dir):
+    fake = tmp_path / "no_matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir, "--plot",
+                        "--checkpoint", tmp_path / "x.pt", env={"PYTHONPATH": str(fake.parent)})
+    assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr
+    assert "data:" not in result.stdout
 
 
 def test_hub_unreachable_names_the_offline_options(tmp_path):
