@@ -664,8 +664,8 @@ def evaluate(model, dataset, device, dtype, num_workers=0):
     """MLM loss, accuracy and perplexity over all masked positions, and NSP accuracy."""
     was_training = model.training
     model.eval()
-    mlm_loss_sum = mlm_correct = nsp_correct = 0.0
-    n_masked = n_pairs = 0
+    mlm_loss_sum = mlm_correct = nsp_correct = positives_correct = 0.0
+    n_masked = n_pairs = n_positives = 0
     for batch in make_loader(dataset, num_workers, pin_memory=device.type == "cuda"):
         no_padding = bool(batch["attention_mask"].all())
         batch = batch_to_device(batch, device)
@@ -675,13 +675,18 @@ def evaluate(model, dataset, device, dtype, num_workers=0):
         n = len(targets)
         mlm_loss_sum += out.mlm_loss.item() * n
         mlm_correct += (out.mlm_logits.argmax(-1) == targets).sum().item()
-        nsp_correct += (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().item()
+        nsp_right = out.nsp_logits.argmax(-1) == batch["nsp_labels"]
+        nsp_correct += nsp_right.sum().item()
+        positives_correct += nsp_right[batch["nsp_labels"] == 0].sum().item()
         n_masked += n
         n_pairs += len(batch["nsp_labels"])
+        n_positives += (batch["nsp_labels"] == 0).sum().item()
     model.train(was_training)
     mlm_loss = mlm_loss_sum / max(n_masked, 1)
     return {"mlm_loss": mlm_loss, "mlm_accuracy": mlm_correct / max(n_masked, 1),
             "perplexity": math.exp(min(mlm_loss, 50.0)), "nsp_accuracy": nsp_correct / max(n_pairs, 1),
+            "nsp_accuracy_positives": positives_correct / max(n_positives, 1),  # true next sentences
+            "nsp_accuracy_negatives": (nsp_correct - positives_correct) / max(n_pairs - n_positives, 1),
             "masked_tokens": n_masked, "pairs": n_pairs}
 
 

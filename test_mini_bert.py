@@ -250,7 +250,9 @@ def run(args):
         base = baselines(corpora["train"], dataset, tokenizer)
         result["test"], result["baselines"] = metrics, base
         say(f"\ntest split: {bert.format_metrics(metrics)} "
-            f"({metrics['masked_tokens']:,} masked tokens, {metrics['pairs']:,} pairs)")
+            f"({metrics['masked_tokens']:,} masked tokens, {metrics['pairs']:,} pairs; NSP acc "
+            f"{metrics['nsp_accuracy_positives']:.2%} on true next sentences, "
+            f"{metrics['nsp_accuracy_negatives']:.2%} on random ones)")
         say(f"baselines on the same pairs and masks: chance MLM acc {base['chance_mlm_accuracy']:.3%}, "
             f"NSP acc 50%; unigram (always '{base['unigram_token']}') MLM acc "
             f"{base['unigram_mlm_accuracy']:.2%}, unigram ppl {base['unigram_perplexity']:,.0f}")

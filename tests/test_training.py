@@ -45,6 +45,21 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path, tiny_data):
     assert torch.equal(a.mlm_logits, b.mlm_logits) and torch.equal(a.nsp_logits, b.nsp_logits)
 
 
+def test_evaluation_counts_nsp_per_class(tiny_data):
+    """A model that always answers "B follows A" is right on every positive and wrong on every
+    negative: 50% overall, since the evaluation pairs are half positives."""
+    tokenizer, corpora = tiny_data
+    torch.manual_seed(0)
+    model = bert.BertForPreTraining(tiny_config(tokenizer.get_vocab_size()))
+    with torch.no_grad():
+        model.nsp_head.weight.zero_()
+        model.nsp_head.bias.copy_(torch.tensor([5.0, -5.0]))  # label 0 = IsNext
+    dataset = bert.eval_batches(corpora["validation"], 64, 0.15, tokenizer.get_vocab_size())
+    m = bert.evaluate(model, dataset, torch.device("cpu"), torch.float32)
+    assert m["nsp_accuracy_positives"] == 1.0 and m["nsp_accuracy_negatives"] == 0.0
+    assert m["nsp_accuracy"] == 0.5 and m["pairs"] % 2 == 0
+
+
 def test_half_precision_weights_load_back_into_fp32(tmp_path, tiny_data):
     tokenizer, _ = tiny_data
     model = bert.BertForPreTraining(tiny_config(tokenizer.get_vocab_size()))
