@@ -1051,7 +1051,7 @@ def train(args):
             bar.update()
 
             saving = args.save_every and step % args.save_every == 0
-            if (step % args.log_every == 0 or saving or step == max_steps
+            if (step_in_epoch % args.log_every == 0 or saving or step == max_steps
                     or step_in_epoch == steps_per_epoch):
                 # The loop's only host-device sync: the sums since the last log line, and whether
                 # any process was asked to stop.
