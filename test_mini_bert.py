@@ -105,8 +105,8 @@ def baselines(train_corpus, dataset, tokenizer):
     counts = np.bincount(train_corpus.ids, minlength=dataset.vocab_size).astype(np.float64)
     counts[:bert.N_SPECIAL] = 0  # special tokens are never targets
     probs = (counts + 1) / (counts + 1)[bert.N_SPECIAL:].sum()  # add-one smoothing
-    targets = np.concatenate([dataset[i]["mlm_labels"].view(-1)[dataset[i]["mlm_positions"]].numpy()
-                              for i in range(len(dataset))])
+    batches = (dataset[i] for i in range(len(dataset)))  # each built once
+    targets = np.concatenate([b["mlm_labels"].view(-1)[b["mlm_positions"]].numpy() for b in batches])
     top = int(counts.argmax())
     return {"chance_mlm_accuracy": 1 / (dataset.vocab_size - bert.N_SPECIAL), "chance_nsp_accuracy": 0.5,
             "unigram_token": tokenizer.id_to_token(top),
