@@ -191,6 +191,20 @@ class BertForPreTraining(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             nn.init.zeros_(module.weight[module.padding_idx])
 
+    def encode(self, input_ids, token_type_ids, attention_mask=None):
+        """The encoder: one contextual vector per token, (B, T, H). attention_mask is 1 at real
+        tokens and 0 at padding (None: no padding)."""
+        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        h = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        for layer in self.layers:
+            h = layer(h, attn_mask)
+        return h
+
+    def pool(self, h):
+        """BERT's pooler: tanh(W h_[CLS] + b), the sequence summary the NSP head (and fine-tuned
+        classifiers) read."""
+        return torch.tanh(self.pooler(h[:, 0]))  # (B, H)
+
     def forward(self, input_ids, token_type_ids, attention_mask=None, mlm_labels=None,
                 nsp_labels=None, mlm_positions=None):
         """input_ids, token_type_ids, attention_mask, mlm_labels: (B, T); nsp_labels: (B,).
@@ -199,11 +213,8 @@ class BertForPreTraining(nn.Module):
         optionally gives the flat indices of the masked positions (the data loader computes them
         on the host so that training never waits on the device to count them).
         """
-        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        h = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        for layer in self.layers:
-            h = layer(h, attn_mask)
-        nsp_logits = self.nsp_head(torch.tanh(self.pooler(h[:, 0])))  # (B, 2) from [CLS]
+        h = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        nsp_logits = self.nsp_head(self.pool(h))  # (B, 2) from [CLS]
 
         mlm_loss = nsp_loss = None
         if mlm_labels is None:
