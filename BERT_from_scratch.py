@@ -15,6 +15,7 @@ The file reads top to bottom: config, model, data, training, command line.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -447,6 +448,29 @@ def rng_for(seed, epoch, stream, index=0):
 PAIR_STREAM, ORDER_STREAM, MASK_STREAM = 1, 2, 3
 
 
+def splitmix64(x):
+    """splitmix64's output function: a bijective mix of 64-bit integers (uint64 arrays wrap)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=64)
+def stream_seed(*key):
+    """A 64-bit seed for each tuple of integers: (seed, epoch, purpose, ...)."""
+    seed = np.zeros(1, np.uint64)
+    for k in key:
+        seed = splitmix64(seed ^ np.uint64(k))
+    return seed
+
+
+def random_bits(key, counter):
+    """Random 64-bit integers, one per entry of `counter`: item `counter` of the splitmix64
+    sequence seeded by the tuple `key`. A counter-based generator, so the random numbers of any
+    item can be drawn on their own, in any order, vectorised over a whole batch."""
+    return splitmix64(stream_seed(*key) + np.asarray(counter, np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+
+
 def build_pairs(corpus, rng):
     """NSP pairs (sentence_a, sentence_b, nsp_label), as (n_pairs, 3) int64.
 
@@ -480,76 +504,96 @@ def truncated_lengths(len_a, len_b, max_seq_len):
     return new_a, new_b
 
 
-def mask_tokens(input_ids, rng, mask_prob, vocab_size):
-    """BERT's masking of one sequence, in place. Returns the labels (-100 where not selected).
+def mask_tokens(input_ids, pair_index, seed, epoch, mask_prob, vocab_size):
+    """BERT's masking of a batch of sequences (B, T), in place. Returns the labels (-100 where
+    not selected).
 
     "We mask 15% of all WordPiece tokens in each sequence at random": mask_prob of the ordinary
-    tokens are selected, at least one; [CLS], [SEP], [PAD] and [UNK] never are (predicting
-    "unknown" teaches nothing). Then, as in the paper, of the selected tokens
+    tokens of each sequence are selected, at least one; [CLS], [SEP], [PAD] and [UNK] never are
+    (predicting "unknown" teaches nothing). Then, as in the paper, of the selected tokens
     "80% of the time: replace the word with the [MASK] token",
     "10% of the time: replace the word with a random word",
     "10% of the time: keep the word unchanged".
+    Row b's random numbers depend only on (seed, epoch, pair_index[b]) and the position, so a
+    pair's mask does not depend on the batch, process or accumulation step it lands in.
     """
-    labels = np.full_like(input_ids, -100)
-    candidates = np.flatnonzero(input_ids >= N_SPECIAL)
-    if len(candidates) == 0:
-        return labels
-    n = max(1, int(len(candidates) * mask_prob + 0.5))
-    selected = rng.choice(candidates, n, replace=False)
-    labels[selected] = input_ids[selected]
-    u = rng.random(n)
-    input_ids[selected[u < 0.8]] = MASK_ID
-    random_positions = selected[(u >= 0.8) & (u < 0.9)]
-    input_ids[random_positions] = rng.integers(N_SPECIAL, vocab_size, len(random_positions))
+    B, T = input_ids.shape
+    counter = (pair_index.astype(np.uint64)[:, None] << np.uint64(16)) | np.arange(T, dtype=np.uint64)
+    choose, action, token = (random_bits((seed, epoch, MASK_STREAM, k), counter) for k in range(3))
+    candidate = input_ids >= N_SPECIAL
+    n_candidates = candidate.sum(1)
+    n = np.where(n_candidates > 0, np.maximum(1, (n_candidates * mask_prob + 0.5).astype(np.int64)), 0)
+    # The n candidates with the smallest random keys: a uniformly random subset of size n.
+    keys = np.where(candidate, choose, np.uint64(2 ** 64 - 1))
+    nth_key = np.sort(keys, axis=1)[np.arange(B), np.maximum(n - 1, 0)]
+    selected = candidate & (keys <= nth_key[:, None]) & (n[:, None] > 0)
+    labels = np.where(selected, input_ids, -100)
+    u = (action >> np.uint64(11)) * 2.0 ** -53  # uniform in [0, 1)
+    input_ids[selected & (u < 0.8)] = MASK_ID
+    replace = selected & (u >= 0.8) & (u < 0.9)
+    input_ids[replace] = N_SPECIAL + (token[replace] % np.uint64(vocab_size - N_SPECIAL)).astype(np.int64)
     return labels
+
+
+# Static shapes: a batch is padded to the next multiple of pad_multiple (at most max_seq_len), and
+# its masked positions to a capacity fixed by that length. So training meets a few shapes, not
+# hundreds: oneDNN and torch.compile build kernels for each shape once, and a CUDA graph
+# captured for a shape can be replayed for every later batch of that shape.
+
+def padded_length(length, pad_multiple, max_seq_len):
+    return np.minimum(-(-length // pad_multiple) * pad_multiple, max_seq_len)
+
+
+def masked_capacity(seq_len, batch_size, mask_prob):
+    """The most masked positions a batch of this shape can have: mask_tokens selects
+    max(1, round(mask_prob * n)) of a pair's n <= seq_len - 3 ordinary tokens."""
+    return batch_size * max(1, int((seq_len - 3) * mask_prob + 0.5))
 
 
 class PretrainingBatches(torch.utils.data.Dataset):
     """Item i is batch i of an epoch: its pairs laid out as [CLS] A [SEP] B [SEP], masked afresh,
-    and padded to the longest pair in the batch. Items are built in DataLoader workers.
+    padded to a static shape. Built with array operations, a batch at a time, in DataLoader
+    workers.
 
-    Each pair's mask comes from its own random stream (seed, epoch, pair index), so it does not
-    depend on how pairs are grouped into batches, processes or accumulation steps.
+    mlm_positions holds the flat indices of the masked tokens, then index 0 (row 0's [CLS], whose
+    label is -100) up to the shape's capacity: padding slots carry no loss.
     """
 
-    def __init__(self, corpus, pairs, batches, max_seq_len, mask_prob, vocab_size, seed, epoch):
+    def __init__(self, corpus, pairs, batches, max_seq_len, mask_prob, vocab_size, seed, epoch,
+                 pad_multiple=16):
         self.corpus, self.pairs, self.batches = corpus, pairs, batches
         self.max_seq_len, self.mask_prob, self.vocab_size = max_seq_len, mask_prob, vocab_size
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.pad_multiple = seed, epoch, pad_multiple
+        self.lengths = corpus.lengths()
 
     def __len__(self):
         return len(self.batches)
 
-    def example(self, j):
-        a_idx, b_idx, _ = self.pairs[j]
-        a, b = self.corpus.sentence(a_idx), self.corpus.sentence(b_idx)
-        len_a, len_b = truncated_lengths(len(a), len(b), self.max_seq_len)
-        input_ids = np.concatenate([[CLS_ID], a[:len_a], [SEP_ID], b[:len_b], [SEP_ID]]).astype(np.int64)
-        token_type_ids = np.zeros_like(input_ids)
-        token_type_ids[len_a + 2:] = 1  # segment 0: [CLS] A [SEP]; segment 1: B [SEP]
-        rng = rng_for(self.seed, self.epoch, MASK_STREAM, j)
-        mlm_labels = mask_tokens(input_ids, rng, self.mask_prob, self.vocab_size)
-        return input_ids, token_type_ids, mlm_labels
-
     def __getitem__(self, i):
         idx = self.batches[i]
-        examples = [self.example(j) for j in idx]
-        B, T = len(examples), max(len(e[0]) for e in examples)  # dynamic padding
-        batch = {
-            "input_ids": torch.full((B, T), PAD_ID, dtype=torch.long),
-            "token_type_ids": torch.zeros((B, T), dtype=torch.long),
-            "attention_mask": torch.zeros((B, T), dtype=torch.long),
-            "mlm_labels": torch.full((B, T), -100, dtype=torch.long),
-        }
-        for row, (input_ids, token_type_ids, mlm_labels) in enumerate(examples):
-            n = len(input_ids)
-            batch["input_ids"][row, :n] = torch.from_numpy(input_ids)
-            batch["token_type_ids"][row, :n] = torch.from_numpy(token_type_ids)
-            batch["attention_mask"][row, :n] = 1
-            batch["mlm_labels"][row, :n] = torch.from_numpy(mlm_labels)
-        batch["nsp_labels"] = torch.from_numpy(self.pairs[idx, 2].astype(np.int64))
-        batch["mlm_positions"] = (batch["mlm_labels"].view(-1) != -100).nonzero().squeeze(1)
-        return batch
+        a, b = self.pairs[idx, 0], self.pairs[idx, 1]
+        len_a, len_b = truncated_lengths(self.lengths[a], self.lengths[b], self.max_seq_len)
+        end = (len_a + len_b + 3)[:, None]  # (B, 1): one past the final [SEP]
+        start_b = len_a[:, None] + 2  # [CLS] A [SEP] comes first
+        t = np.arange(padded_length(end.max(), self.pad_multiple, self.max_seq_len))  # (T,)
+        in_a, in_b = (t >= 1) & (t < start_b - 1), (t >= start_b) & (t < end - 1)  # (B, T)
+        source = np.where(in_a, self.corpus.offsets[a][:, None] + t - 1,
+                          self.corpus.offsets[b][:, None] + t - start_b)
+        input_ids = np.where(in_a | in_b, self.corpus.ids[np.where(in_a | in_b, source, 0)], PAD_ID)
+        input_ids = input_ids.astype(np.int64)
+        input_ids[:, 0] = CLS_ID
+        input_ids[(t == start_b - 1) | (t == end - 1)] = SEP_ID
+        token_type_ids = (t >= start_b) & (t < end)  # segment 0: [CLS] A [SEP]; segment 1: B [SEP]
+        mlm_labels = mask_tokens(input_ids, idx, self.seed, self.epoch, self.mask_prob, self.vocab_size)
+        mlm_positions = np.zeros(masked_capacity(len(t), len(idx), self.mask_prob), np.int64)
+        masked = np.flatnonzero(mlm_labels != -100)
+        mlm_positions[:len(masked)] = masked
+        return {"input_ids": torch.from_numpy(input_ids),
+                "token_type_ids": torch.from_numpy(token_type_ids.astype(np.int64)),
+                "attention_mask": torch.from_numpy((t < end).astype(np.int64)),
+                "mlm_labels": torch.from_numpy(mlm_labels.astype(np.int64)),
+                "nsp_labels": torch.from_numpy(self.pairs[idx, 2].astype(np.int64)),
+                "mlm_positions": torch.from_numpy(mlm_positions)}
 
 
 def pair_lengths(corpus, pairs, max_seq_len):
@@ -587,12 +631,13 @@ def training_batches(corpus, args, epoch, rank=0, world_size=1):
                                    rng_for(args.seed, epoch, ORDER_STREAM))
     mine = [step[(k * world_size + rank) * micro:(k * world_size + rank + 1) * micro]
             for step in steps for k in range(K)]
-    padded = sum(len(b) * lengths[b].max() for step in steps for b in np.split(step, K * world_size))
-    padding = float(1.0 - sum(lengths[step].sum() for step in steps) / max(padded, 1))
+    every = np.stack([b for step in steps for b in np.split(step, K * world_size)])  # (n, micro)
+    padded = padded_length(lengths[every].max(1), args.pad_multiple, args.max_seq_len).sum() * micro
+    padding = float(1.0 - lengths[every].sum() / max(padded, 1))
     return pairs, mine, padding
 
 
-def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, batch_size=32):
+def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, pad_multiple=16, batch_size=32):
     """A split's evaluation set: fixed-seed negatives and masks, batches sorted by length.
     (Batches of 32 evaluate faster on CPU than larger ones, and fragment the heap far less:
     measured 21 s and +0.8 GB peak at 32 against 31 s and +1.4 GB at 128, mini on validation.)"""
@@ -600,7 +645,7 @@ def eval_batches(corpus, max_seq_len, mask_prob, vocab_size, batch_size=32):
     order = np.argsort(pair_lengths(corpus, pairs, max_seq_len), kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return PretrainingBatches(corpus, pairs, batches, max_seq_len, mask_prob, vocab_size,
-                              EVAL_SEED, 0)
+                              EVAL_SEED, 0, pad_multiple)
 
 
 def _ignore_signals(_worker_id):
@@ -655,19 +700,19 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
 def autocast_for(device, dtype):
     if dtype == torch.float32:
         return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # No cache of cast weights: a CUDA graph must not keep casts made while it was captured (and
+    # each weight is cast once per forward anyway).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def batch_to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def model_inputs(batch, no_padding):
-    """The batch as model arguments; no attention mask at all when nothing is padded."""
-    inputs = dict(batch)
-    if no_padding:
-        inputs["attention_mask"] = None
-    return inputs
+def batch_counts(batch):
+    """(masked tokens, pairs, real tokens) of a host batch: counted without asking the device."""
+    return (int((batch["mlm_labels"] != -100).sum()), len(batch["nsp_labels"]),
+            int(batch["attention_mask"].sum()))
 
 
 @torch.no_grad()
@@ -675,30 +720,26 @@ def evaluate(model, dataset, device, dtype, num_workers=0):
     """MLM loss, accuracy and perplexity over all masked positions, and NSP accuracy."""
     was_training = model.training
     model.eval()
-    mlm_loss_sum = mlm_correct = nsp_correct = positives_correct = 0.0
-    n_masked = n_pairs = n_positives = 0
+    sums = []  # per batch, on the device: read once at the end
     for batch in make_loader(dataset, num_workers, pin_memory=device.type == "cuda"):
-        no_padding = bool(batch["attention_mask"].all())
         batch = batch_to_device(batch, device)
         with autocast_for(device, dtype):
-            out = model(**model_inputs(batch, no_padding))
+            out = model(**batch)
         targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]
-        n = len(targets)
-        mlm_loss_sum += out.mlm_loss.item() * n
-        mlm_correct += (out.mlm_logits.argmax(-1) == targets).sum().item()
-        nsp_right = out.nsp_logits.argmax(-1) == batch["nsp_labels"]
-        nsp_correct += nsp_right.sum().item()
-        positives_correct += nsp_right[batch["nsp_labels"] == 0].sum().item()
-        n_masked += n
-        n_pairs += len(batch["nsp_labels"])
-        n_positives += (batch["nsp_labels"] == 0).sum().item()
+        real = targets != -100  # padding slots of mlm_positions are no targets
+        n_masked, right = real.sum(), out.nsp_logits.argmax(-1) == batch["nsp_labels"]
+        positive = batch["nsp_labels"] == 0
+        sums.append(torch.stack([x.double() for x in (
+            out.mlm_loss * n_masked, (out.mlm_logits.argmax(-1) == targets).sum(), n_masked,
+            right.sum(), positive.sum(), (right & positive).sum(), torch.tensor(len(positive), device=device))]))
     model.train(was_training)
-    mlm_loss = mlm_loss_sum / max(n_masked, 1)
-    return {"mlm_loss": mlm_loss, "mlm_accuracy": mlm_correct / max(n_masked, 1),
-            "perplexity": math.exp(min(mlm_loss, 50.0)), "nsp_accuracy": nsp_correct / max(n_pairs, 1),
-            "nsp_accuracy_positives": positives_correct / max(n_positives, 1),  # true next sentences
-            "nsp_accuracy_negatives": (nsp_correct - positives_correct) / max(n_pairs - n_positives, 1),
-            "masked_tokens": n_masked, "pairs": n_pairs}
+    loss_sum, mlm_right, n_masked, nsp_right, n_pos, pos_right, n_pairs = torch.stack(sums).sum(0).tolist()
+    mlm_loss = loss_sum / max(n_masked, 1)
+    return {"mlm_loss": mlm_loss, "mlm_accuracy": mlm_right / max(n_masked, 1),
+            "perplexity": math.exp(min(mlm_loss, 50.0)), "nsp_accuracy": nsp_right / max(n_pairs, 1),
+            "nsp_accuracy_positives": pos_right / max(n_pos, 1),  # true next sentences
+            "nsp_accuracy_negatives": (nsp_right - pos_right) / max(n_pairs - n_pos, 1),
+            "masked_tokens": int(n_masked), "pairs": int(n_pairs)}
 
 
 def format_metrics(m):
@@ -816,7 +857,7 @@ def plot_curves(history, png_path):
     plt.close(fig)
 
 
-# The training loop -------------------------------------------------------------
+# The run's helpers ------------------------------------------------------------------
 
 
 class StopRequest:
@@ -853,291 +894,458 @@ def cpu_has_bf16():
         return False
 
 
-def train(args):
-    # Processes and devices ---------------------------------------------------
+# The training step ---------------------------------------------------------------------
+
+
+class TrainStep:
+    """One optimizer step, eagerly: forward and backward over the step's micro-batches, gradient
+    clipping at 1.0, AdamW. The logged sums (MLM loss, MLM hits, NSP loss, NSP hits) accumulate in
+    self.stats on the device, so a step never waits for the device."""
+
+    def __init__(self, model, optimizer, scaler, device, dtype, world_size=1):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.device, self.dtype, self.world_size = device, dtype, world_size
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.stats = torch.zeros(4, device=device)
+
+    def __call__(self, micro_batches, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The step's loss is the mean over all its masked tokens and all its pairs, across
+        # accumulation steps and processes, whatever their share of each.
+        n_mlm = [batch_counts(b)[0] for b in micro_batches]
+        n_nsp = [len(b["nsp_labels"]) for b in micro_batches]
+        mlm_total, nsp_total = self.count_over_processes(sum(n_mlm)), sum(n_nsp) * self.world_size
+        for k, batch in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1  # DDP averages the gradients after the last one only
+            with nullcontext() if last or self.world_size == 1 else self.model.no_sync():
+                # DDP divides the summed gradients by world_size: the weights undo that.
+                self.forward_backward(batch_to_device(batch, self.device),
+                                      self.world_size * n_mlm[k] / mlm_total,
+                                      self.world_size * n_nsp[k] / nsp_total)
+        self.update()
+
+    def count_over_processes(self, n):
+        if self.world_size == 1:
+            return n
+        n = torch.tensor(float(n))  # every batch is full: only the masked tokens need counting
+        if self.device.type == "cuda":  # a pageable host->GPU copy would wait for the GPU
+            n = n.pin_memory()
+        n = n.to(self.device, non_blocking=True)
+        dist.all_reduce(n)
+        return n
+
+    def forward_backward(self, batch, mlm_weight, nsp_weight):
+        with autocast_for(self.device, self.dtype):
+            out = self.model(**batch)
+            loss = out.mlm_loss * mlm_weight + out.nsp_loss * nsp_weight  # the paper's sum
+        self.scaler.scale(loss).backward()
+        with torch.no_grad():
+            targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]
+            self.stats += torch.stack([
+                out.mlm_loss.float() * (targets != -100).sum(),
+                (out.mlm_logits.argmax(-1) == targets).sum().float(),
+                out.nsp_loss.float() * len(batch["nsp_labels"]),
+                (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().float()])
+
+    def update(self):
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class CudaGraphStep(TrainStep):
+    """The same step, for one micro-batch on one GPU, replayed from a CUDA graph.
+
+    A small BERT on a large GPU is bound by kernel launches: a step is about a thousand small
+    kernels, launched one by one from Python. A CUDA graph records them once and replays them all
+    with one call. Each batch shape (a few: see padded_length) gets its own graph: its first batch
+    runs eagerly as a warm-up, its second is captured, and every later one replays. The graphs
+    share one memory pool and never run at once. The learning rate is a device tensor that the
+    captured AdamW reads at each replay, and dropout stays random: each replay advances PyTorch's
+    CUDA generator, exactly as the eager step would.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr = torch.zeros((), device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr  # (the optimizer was made capturable for this)
+        self.inputs, self.graphs = {}, {}  # per batch shape: static input tensors, the graph
+        self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        self.eager = False  # set if a capture fails: the run goes on without graphs
+
+    def __call__(self, micro_batches, lr):
+        if self.eager:
+            return super().__call__(micro_batches, lr)
+        (batch,) = micro_batches
+        shape = (*batch["input_ids"].shape, len(batch["mlm_positions"]))
+        self.lr.fill_(lr)
+        if shape not in self.inputs:  # warm-up, on the stream that will capture
+            self.inputs[shape] = batch_to_device(batch, self.device)
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self.forward_backward(self.inputs[shape], 1.0, 1.0)
+                self.update()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return
+        static = self.inputs[shape]
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        if shape not in self.graphs:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                      capture_error_mode="thread_local"):  # DataLoader threads pin memory
+                    self.forward_backward(static, 1.0, 1.0)
+                    self.update()  # sets the gradients to None: each replay allocates them anew
+            except RuntimeError as e:
+                tqdm_write(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); "
+                           "training on without CUDA graphs")
+                self.eager = True
+                self.optimizer.zero_grad(set_to_none=True)
+                return super().__call__(micro_batches, lr)
+            self.graphs[shape] = graph
+        self.graphs[shape].replay()
+
+
+def use_cuda_graphs(args, device, ddp, dtype):
+    # One process, one micro-batch per step, and no fp16 loss scaler (it checks for overflow on
+    # the host); otherwise steps run eagerly.
+    return (device.type == "cuda" and not args.no_cuda_graphs and not ddp
+            and args.grad_accum_steps == 1 and dtype != torch.float16)
+
+
+# The run: processes, data, model, position, logs and checkpoints -------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place in a torchrun job (or a job of one)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    ddp: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def print(self, msg):  # only the first process prints
+        if self.master:
+            tqdm_write(msg)
+
+    def agree(self, flag):
+        """Whether any process says so: all must take the same decision, or collectives deadlock."""
+        if not self.ddp:
+            return flag
+        flag = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def start_processes(args):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    master = rank == 0
-
-    def log(*a, **k):  # only the first process prints
-        if master:
-            tqdm_write(" ".join(str(x) for x in a), **k)
-
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if ddp:  # one GPU per process
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=30))
-    dtype = resolve_dtype(args.dtype, device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return Processes(device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), ddp)
 
-    # Resume: the run's settings, weights, tokenizer and position come from the checkpoint -------
-    ckpt = read_checkpoint(args.resume) if args.resume else None
-    checkpoint_path = Path(args.checkpoint)
-    if master:
-        check_output_path(checkpoint_path, resuming_from=args.resume, overwrite=args.overwrite)
 
-    # Data ---------------------------------------------------------------------
+def load_data(args, procs, ckpt):
+    """The tokenizer (a resumed run's own; under torchrun the first process learns it and sends
+    it to the others) and the tokenized splits."""
     tokenizer = None
     if ckpt:
         tokenizer = tokenizer_from_json(ckpt["tokenizer"])
-    elif ddp:  # one process learns the vocabulary and sends it to the others
+    elif procs.ddp:
         shared = [None]
-        if master:
+        if procs.master:
             articles = split_articles(load_wikitext(args.dataset_config, args.data_dir, ["train"])["train"])
             shared[0] = train_tokenizer(articles, args.vocab_size).to_str()
         dist.broadcast_object_list(shared, src=0)
         tokenizer = tokenizer_from_json(shared[0])
-    tokenizer, corpora = prepare_data(args, tokenizer, log=log)
-    vocab_size = tokenizer.get_vocab_size()
-    valid_set = eval_batches(corpora["validation"], args.max_seq_len, args.mask_prob, vocab_size)
-    test_set = eval_batches(corpora["test"], args.max_seq_len, args.mask_prob, vocab_size)
+    return prepare_data(args, tokenizer, log=procs.print)
 
-    # Model and optimizer --------------------------------------------------------
+
+def build_model(args, procs, dtype, vocab_size, ckpt):
+    """The model, its optimizer and loss scaler (restored when resuming), wrapped for DDP and
+    torch.compile as asked, and the step that trains it. Returns (model, step)."""
     torch.manual_seed(args.seed)
     config = BertConfig(**ckpt["config"]) if ckpt else config_for(args.model_size, vocab_size, args.dropout)
-    model = BertForPreTraining(config).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.01), lr=args.lr,
-                                  betas=(0.9, 0.999), eps=1e-6, fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, epoch, step_in_epoch, history = 0, 0, 0, []
+    model = BertForPreTraining(config).to(procs.device)
+    graphs = use_cuda_graphs(args, procs.device, procs.ddp, dtype)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.01), lr=args.lr, betas=(0.9, 0.999),
+                                  eps=1e-6, fused=True, capturable=graphs)
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)
     if ckpt:
         model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        scaler.load_state_dict(ckpt["train_state"]["scaler"])
+        for group in optimizer.param_groups:  # this run's way of stepping, not the saved run's
+            group["capturable"] = graphs
+    wrapped = DDP(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None) \
+        if procs.ddp else model
+    if args.compile:  # one graph per batch shape, and room for every shape
+        torch._dynamo.config.recompile_limit = max(8, -(-args.max_seq_len // args.pad_multiple))
+        wrapped = torch.compile(wrapped, dynamic=False)
+    step = (CudaGraphStep if graphs else TrainStep)(wrapped, optimizer, scaler, procs.device, dtype,
+                                                    procs.world_size)
+    return model, step
+
+
+class Run:
+    """Where a training run stands (step, epoch, position in the epoch), its learning-rate
+    schedule, what it has logged, and how it evaluates and saves itself: the state that the
+    training loop, the logs and the checkpoints share."""
+
+    def __init__(self, args, procs, dtype, model, step_fn, tokenizer, train_corpus, ckpt):
+        self.args, self.procs, self.dtype = args, procs, dtype
+        self.model, self.step_fn, self.tokenizer = model, step_fn, tokenizer
+        self.path = Path(args.checkpoint)
+        self.metrics_path = self.path.with_suffix(".metrics.jsonl")
+        # Every epoch has as many pairs (each positive and one negative), hence as many full steps.
+        global_batch = args.batch_size * args.grad_accum_steps * procs.world_size
+        n_pairs = len(build_pairs(train_corpus, np.random.default_rng(0)))
+        self.steps_per_epoch = n_pairs // global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"a step takes {global_batch:,} pairs but an epoch has only {n_pairs:,}; "
+                            "use a smaller --batch_size")
+        self.total_steps = self.steps_per_epoch * args.epochs  # the schedule; --max_steps stops early
+        self.warmup_steps = int(args.warmup * self.total_steps)
+        self.max_steps = min(args.max_steps or self.total_steps, self.total_steps)
+
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.history, self.metrics, self.saved_step = [], {}, None
+        self.run_info = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                         "command": " ".join(["python"] + sys.argv), "git_commit": git_commit()}
+        if ckpt:
+            self.resume_from(ckpt)
+        elif procs.rank > 0:
+            torch.manual_seed(args.seed + 1000 * procs.rank)  # each process its own dropout masks
+        if procs.master:  # the log restarts from what the checkpoint knows (nothing, for a new run)
+            self.metrics_path.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
+        self.stop, self.stopping = StopRequest(), False
+        self.counts = np.zeros(3)  # masked tokens, pairs, real tokens since the last log line
+        self.t_start = time.time()
+        c = model.config
+        procs.print(f"model: {args.model_size} (L={c.num_hidden_layers}, H={c.hidden_size}, "
+                    f"A={c.num_attention_heads}), {model.num_parameters():,} parameters, vocab {c.vocab_size:,}")
+        procs.print(f"training: {args.epochs} epochs x {self.steps_per_epoch:,} steps, batch {global_batch} = "
+                    f"{args.batch_size} x {args.grad_accum_steps} accumulation x {procs.world_size} processes, "
+                    f"peak lr {args.lr:g}, {self.warmup_steps:,} warmup steps, {procs.device.type}, "
+                    f"{str(dtype)[6:]}" + (", CUDA graphs" if isinstance(step_fn, CudaGraphStep) else "")
+                    + (f", resuming at step {self.step:,}" if ckpt else ""))
+
+    def resume_from(self, ckpt):
         state = ckpt["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if state.get("world_size", 1) != world_size:  # the position in the epoch depends on it
-            raise UserError(f"{args.resume} was trained by {state.get('world_size', 1)} process(es); "
-                            f"resume it with the same number, not {world_size}")
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        history = ckpt.get("history", [])
-        rngs = state["rng"]
-        set_rng_states(rngs[rank] if len(rngs) == world_size else rngs[0])
-    if rank > 0 and not (ckpt and len(ckpt["train_state"]["rng"]) == world_size):
-        torch.manual_seed(args.seed + 1000 * rank + step)  # each process its own dropout masks
-    raw_model = model
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+        if state.get("world_size", 1) != self.procs.world_size:  # the position in the epoch depends on it
+            raise UserError(f"{self.args.resume} was trained by {state.get('world_size', 1)} process(es); "
+                            f"resume it with the same number, not {self.procs.world_size}")
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.history, self.metrics = ckpt.get("history", []), ckpt.get("metrics", {})
+        self.run_info["command"] = ckpt.get("command", "") + "  (resumed: " + self.run_info["command"] + ")"
+        rngs, rank = state["rng"], self.procs.rank
+        set_rng_states(rngs[rank] if len(rngs) == self.procs.world_size else rngs[0])
+        if rank > 0 and len(rngs) != self.procs.world_size:
+            torch.manual_seed(self.args.seed + 1000 * rank + self.step)
 
-    # Every epoch has as many pairs (each positive and one negative), hence as many full steps.
-    global_batch = args.batch_size * args.grad_accum_steps * world_size
-    n_pairs = len(build_pairs(corpora["train"], np.random.default_rng(0)))
-    steps_per_epoch = n_pairs // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"a step takes {global_batch:,} pairs but an epoch has only {n_pairs:,}; "
-                        "use a smaller --batch_size")
-    total_steps = steps_per_epoch * args.epochs  # the LR schedule; --max_steps only stops early
-    warmup_steps = int(args.warmup * total_steps)
-    max_steps = min(args.max_steps or total_steps, total_steps)
-    log(f"model: {args.model_size} (L={config.num_hidden_layers}, H={config.hidden_size}, "
-        f"A={config.num_attention_heads}), {raw_model.num_parameters():,} parameters, vocab {vocab_size:,}")
-    log(f"training: {args.epochs} epochs x {steps_per_epoch:,} steps, batch {global_batch} = "
-        f"{args.batch_size} x {args.grad_accum_steps} accumulation x {world_size} processes, "
-        f"peak lr {args.lr:g}, {warmup_steps:,} warmup steps, {device.type}, {str(dtype)[6:]}"
-        + (f", resuming at step {step:,}" if ckpt else ""))
+    def lr(self):
+        return lr_at(self.step, self.total_steps, self.warmup_steps, self.args.lr)
 
-    metrics_path = checkpoint_path.with_suffix(".metrics.jsonl")
-    run_info = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "command": " ".join(["python"] + sys.argv),
-                "git_commit": git_commit()}
-    if ckpt:
-        run_info["command"] = ckpt.get("command", "") + "  (resumed: " + run_info["command"] + ")"
+    def start_epoch(self, corpus):
+        """This process's micro-batches for the rest of the epoch, as an iterator."""
+        args, procs, t0 = self.args, self.procs, time.time()
+        pairs, batches, self.padding = training_batches(corpus, args, self.epoch, procs.rank, procs.world_size)
+        dataset = PretrainingBatches(corpus, pairs, batches, args.max_seq_len, args.mask_prob,
+                                     self.model.config.vocab_size, args.seed, self.epoch, args.pad_multiple)
+        procs.print(f"epoch {self.epoch + 1}/{args.epochs}: {len(pairs):,} pairs (drawn and grouped in "
+                    f"{time.time() - t0:.2f}s), padding {self.padding:.1%} of tokens")
+        self.record({"kind": "epoch", "epoch": self.epoch, "step": self.step, "pairs": len(pairs),
+                     "padding": self.padding})
+        self.bar = tqdm_bar(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                            disable=not procs.master, desc=f"epoch {self.epoch + 1}")
+        self.t_epoch = self.t_log = time.time()
+        self.epoch_tokens = 0
+        return iter(make_loader(dataset, args.num_workers, start=self.step_in_epoch * args.grad_accum_steps,
+                                pin_memory=procs.device.type == "cuda"))
 
-    if master:  # the log restarts from what the checkpoint knows (nothing, for a new run)
-        metrics_path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
+    def save_due(self):
+        return self.args.save_every and self.step % self.args.save_every == 0
 
-    def record(entry):
-        history.append(entry)
-        if master:
-            with open(metrics_path, "a") as f:
+    def after_step(self, micro_batches):
+        """Count the step; a log line every --log_every steps, before a save and at the end."""
+        self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
+        for batch in micro_batches:
+            self.counts += batch_counts(batch)
+        self.epoch_tokens += sum(batch_counts(b)[2] for b in micro_batches)
+        self.bar.update()
+        if (self.step_in_epoch % self.args.log_every == 0 or self.save_due() or self.step == self.max_steps
+                or self.step_in_epoch == self.steps_per_epoch):
+            self.log_train()
+        elif not self.procs.ddp:  # one process decides alone, at every step; several at log steps
+            self.stopping = self.stop.signum is not None
+
+    def log_train(self):
+        """One log entry from the sums since the last one, over every process. The loop's only
+        host-device sync; it is also where the processes agree on stopping."""
+        stats = self.step_fn.stats
+        totals = torch.cat([stats, torch.tensor([*self.counts, self.stop.signum is not None],
+                                                device=stats.device)])
+        if self.procs.ddp:
+            dist.all_reduce(totals)
+        mlm_loss, mlm_hits, nsp_loss, nsp_hits, n_masked, n_pairs, n_tokens, stop = totals.tolist()
+        entry = {"kind": "train", "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                 "loss": mlm_loss / n_masked + nsp_loss / n_pairs, "mlm_loss": mlm_loss / n_masked,
+                 "nsp_loss": nsp_loss / n_pairs, "mlm_accuracy": mlm_hits / n_masked,
+                 "nsp_accuracy": nsp_hits / n_pairs, "lr": self.lr_used(),
+                 "tokens_per_s": n_tokens / (time.time() - self.t_log), "padding": self.padding}
+        if not math.isfinite(entry["loss"]):
+            raise UserError(f"the loss became {entry['loss']} at step {self.step}; lower --lr "
+                            f"(the last good checkpoint, if any, is {self.path})")
+        self.record(entry)
+        self.bar.set_postfix(loss=f"{entry['loss']:.3f}", mlm=f"{entry['mlm_loss']:.3f}",
+                             nsp=f"{entry['nsp_loss']:.3f}", lr=f"{entry['lr']:.2e}",
+                             tok_s=f"{entry['tokens_per_s']:,.0f}")
+        stats.zero_()
+        self.counts[:] = 0
+        self.t_log = time.time()
+        self.stopping = stop > 0
+
+    def lr_used(self):  # the learning rate of the step just taken
+        return lr_at(self.step - 1, self.total_steps, self.warmup_steps, self.args.lr)
+
+    def end_epoch(self, valid_set):
+        """Close the epoch's progress; unless stopping: validation, a checkpoint, the curves."""
+        self.bar.close()
+        elapsed = time.time() - self.t_epoch
+        self.procs.print(f"epoch {self.epoch + 1}: {elapsed:,.0f}s of training, "
+                         f"{self.epoch_tokens / elapsed:,.0f} tokens/s (this process)")
+        self.stopping = self.stopping or self.procs.agree(self.stop.signum is not None)
+        if self.stopping:
+            return
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.metrics = {"validation": self.evaluate("validation", valid_set)}
+        self.save()
+        self.stopping = self.procs.agree(self.stop.signum is not None)  # a signal during the evaluation
+
+    def finish(self, test_set):
+        """Stopped by a signal: save where the run stands and say how to resume (exit status
+        128 + signal). Done: evaluate on the test split, save, check that replicas agree."""
+        procs = self.procs
+        if self.stopping:
+            signum = self.stop.signum or signal.SIGTERM  # a process the signal missed follows the others
+            procs.print(f"{signal.Signals(signum).name}: stopping at step {self.step:,}")
+            if self.saved_step != self.step:
+                self.save()
+            procs.print(f"checkpoint saved to {self.path}. Resume with: "
+                        f"python BERT_from_scratch.py --resume {self.path}")
+            if procs.ddp:
+                dist.destroy_process_group()
+            return 128 + signum
+        self.metrics["test"] = self.evaluate("test", test_set)
+        self.save()
+        if procs.ddp:
+            check_replicas(self.model, procs)
+        procs.print(f"done: {self.step:,} steps in {time.time() - self.t_start:,.0f}s (evaluation "
+                    f"included), peak memory {peak_memory_gib():.2f} GiB; checkpoint {self.path}, "
+                    f"metrics log {self.metrics_path}")
+        return 0
+
+    def record(self, entry):
+        self.history.append(entry)
+        if self.procs.master:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def save(metrics):
-        nonlocal saved_step
-        saved_step = step
-        rngs = [rng_states()]
-        if ddp:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_states())
-        if not master:
-            return
-        train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "rng": rngs,
-                       "world_size": world_size}
-        try:
-            save_checkpoint(checkpoint_path, raw_model, tokenizer, step=step, metrics=metrics,
-                            history=history, train_state=train_state, **run_info)
-        except OSError as e:
-            raise UserError(f"could not write {checkpoint_path} ({e}); the previous checkpoint "
-                            "there, if any, is intact") from None
-
-    def run_eval(split, dataset):
-        metrics = evaluate(raw_model, dataset, device, dtype, args.num_workers) if master else None
-        if master:
-            record({"kind": "eval", "split": split, "step": step, "epoch": epoch, **metrics})
-            log(f"{split} @ step {step:,}: {format_metrics(metrics)}")
-        if ddp:
+    def evaluate(self, split, dataset):
+        """The first process evaluates; the others wait for it."""
+        metrics = None
+        if self.procs.master:
+            metrics = evaluate(self.model, dataset, self.procs.device, self.dtype, self.args.num_workers)
+            self.record({"kind": "eval", "split": split, "step": self.step, "epoch": self.epoch, **metrics})
+            self.procs.print(f"{split} @ step {self.step:,}: {format_metrics(metrics)}")
+        if self.procs.ddp:
             dist.barrier()
         return metrics
 
-    def agreed(flag):  # every process must take the same decision, or collectives deadlock
-        if not ddp:
-            return flag
-        flag = torch.tensor(float(flag), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def save(self):
+        """A resumable checkpoint: weights, optimizer, position, every process's random state, the
+        history; and, with --plot, the learning curves."""
+        self.saved_step = self.step
+        rngs = [rng_states()]
+        if self.procs.ddp:
+            rngs = [None] * self.procs.world_size
+            dist.all_gather_object(rngs, rng_states())
+        if not self.procs.master:
+            return
+        optimizer, scaler = self.step_fn.optimizer, self.step_fn.scaler
+        train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
+                       "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "rng": rngs,
+                       "world_size": self.procs.world_size}
+        try:
+            save_checkpoint(self.path, self.model, self.tokenizer, step=self.step, metrics=self.metrics,
+                            history=self.history, train_state=train_state, **self.run_info)
+        except OSError as e:
+            raise UserError(f"could not write {self.path} ({e}); the previous checkpoint there, "
+                            "if any, is intact") from None
+        if self.args.plot:
+            plot_curves(self.history, self.path.with_suffix(".png"))
 
-    stop, stopping, saved_step = StopRequest(), False, None
-    latest_metrics = ckpt.get("metrics", {}) if ckpt else {}
-    model.train()
-    stats = torch.zeros(4, device=device)  # loss and accuracy sums since the last log line
-    counts = np.zeros(3)  # masked tokens, pairs, real tokens since the last log line
-    t_start, tokens_seen = time.time(), 0
-    while epoch < args.epochs and step < max_steps and not stopping:
-        t_epoch, tokens_at_epoch_start = time.time(), tokens_seen
-        pairs, batches, padding = training_batches(corpora["train"], args, epoch, rank, world_size)
-        t_pairs = time.time() - t_epoch
-        dataset = PretrainingBatches(corpora["train"], pairs, batches, args.max_seq_len,
-                                     args.mask_prob, vocab_size, args.seed, epoch)
-        loader = iter(make_loader(dataset, args.num_workers, start=step_in_epoch * args.grad_accum_steps,
-                                  pin_memory=device.type == "cuda"))
-        log(f"epoch {epoch + 1}/{args.epochs}: {len(pairs):,} pairs (drawn and grouped in {t_pairs:.2f}s), "
-            f"padding {padding:.1%} of tokens")
-        record({"kind": "epoch", "epoch": epoch, "step": step, "pairs": len(pairs), "padding": padding})
-        bar = tqdm_bar(total=steps_per_epoch, initial=step_in_epoch, disable=not master,
-                       desc=f"epoch {epoch + 1}")
-        t_log = time.time()
-        while step_in_epoch < steps_per_epoch and step < max_steps:
+
+def check_replicas(model, procs):
+    """Data parallelism must keep every replica identical: compare parameter digests."""
+    digest = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()])
+                          for p in model.parameters()]).flatten().cpu()
+    digests = [None] * procs.world_size
+    dist.all_gather_object(digests, digest)
+    same = all(torch.equal(d, digests[0]) for d in digests)
+    procs.print(f"replicas identical across {procs.world_size} processes: {'yes' if same else 'NO'}")
+    dist.destroy_process_group()
+    if not same:
+        raise UserError("the model replicas diverged across processes")
+
+
+# The training loop ----------------------------------------------------------------------
+
+
+def train(args):
+    procs = start_processes(args)
+    dtype = resolve_dtype(args.dtype, procs.device)
+    ckpt = read_checkpoint(args.resume) if args.resume else None  # resume: settings, weights, position
+    if procs.master:
+        check_output_path(Path(args.checkpoint), resuming_from=args.resume, overwrite=args.overwrite)
+    tokenizer, corpora = load_data(args, procs, ckpt)
+    vocab_size = tokenizer.get_vocab_size()
+    valid_set, test_set = (eval_batches(corpora[split], args.max_seq_len, args.mask_prob, vocab_size,
+                                        args.pad_multiple) for split in ("validation", "test"))
+    model, step_fn = build_model(args, procs, dtype, vocab_size, ckpt)
+    run = Run(args, procs, dtype, model, step_fn, tokenizer, corpora["train"], ckpt)
+
+    while run.epoch < args.epochs and run.step < run.max_steps:
+        loader = run.start_epoch(corpora["train"])
+        while run.step_in_epoch < run.steps_per_epoch and run.step < run.max_steps:
             micro_batches = [next(loader) for _ in range(args.grad_accum_steps)]
-            # The step's loss is the mean over all its masked tokens and all its pairs, across
-            # accumulation steps and processes, whatever their share of each.
-            n_mlm = [len(b["mlm_positions"]) for b in micro_batches]
-            n_nsp = [len(b["nsp_labels"]) for b in micro_batches]
-            mlm_total, nsp_total = sum(n_mlm), sum(n_nsp)
-            if ddp:  # every batch is full, so only the masked tokens need counting across processes
-                nsp_total *= world_size
-                mlm_total = torch.tensor(float(mlm_total))
-                if device.type == "cuda":  # a pageable host->GPU copy would wait for the GPU
-                    mlm_total = mlm_total.pin_memory()
-                mlm_total = mlm_total.to(device, non_blocking=True)
-                dist.all_reduce(mlm_total)
-            lr = lr_at(step, total_steps, warmup_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for k, batch in enumerate(micro_batches):
-                no_padding = bool(batch["attention_mask"].all())  # checked on the host
-                n_tokens = int(batch["attention_mask"].sum())
-                counts += (n_mlm[k], n_nsp[k], n_tokens)
-                tokens_seen += n_tokens
-                batch = batch_to_device(batch, device)
-                last = k == len(micro_batches) - 1
-                with (model.no_sync() if ddp and not last else nullcontext()), autocast_for(device, dtype):
-                    out = model(**model_inputs(batch, no_padding))
-                    loss = world_size * (out.mlm_loss * (n_mlm[k] / mlm_total)
-                                         + out.nsp_loss * (n_nsp[k] / nsp_total))
-                scaler.scale(loss).backward()
-                with torch.no_grad():
-                    targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]
-                    stats += torch.stack([
-                        out.mlm_loss.detach().float() * n_mlm[k],
-                        (out.mlm_logits.argmax(-1) == targets).sum().float(),
-                        out.nsp_loss.detach().float() * n_nsp[k],
-                        (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().float()])
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_in_epoch += 1
-            bar.update()
-
-            saving = args.save_every and step % args.save_every == 0
-            if (step_in_epoch % args.log_every == 0 or saving or step == max_steps
-                    or step_in_epoch == steps_per_epoch):
-                # The loop's only host-device sync: the sums since the last log line, and whether
-                # any process was asked to stop.
-                totals = torch.cat([stats, torch.tensor(list(counts) + [stop.signum is not None],
-                                                        device=device)])
-                if ddp:
-                    dist.all_reduce(totals)
-                s = totals.tolist()
-                n_masked, n_pairs, n_tokens = s[4:7]
-                elapsed = time.time() - t_log
-                entry = {"kind": "train", "step": step, "epoch": epoch + step_in_epoch / steps_per_epoch,
-                         "loss": (s[0] / n_masked) + (s[2] / n_pairs), "mlm_loss": s[0] / n_masked,
-                         "nsp_loss": s[2] / n_pairs, "mlm_accuracy": s[1] / n_masked,
-                         "nsp_accuracy": s[3] / n_pairs, "lr": lr, "tokens_per_s": n_tokens / elapsed,
-                         "padding": padding}
-                if not math.isfinite(entry["loss"]):
-                    raise UserError(f"the loss became {entry['loss']} at step {step}; lower --lr "
-                                    f"(the last good checkpoint, if any, is {checkpoint_path})")
-                record(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", mlm=f"{entry['mlm_loss']:.3f}",
-                                nsp=f"{entry['nsp_loss']:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{entry['tokens_per_s']:,.0f}")
-                stats.zero_()
-                counts[:] = 0
-                t_log = time.time()
-                stopping = s[7] > 0
-            elif not ddp:  # one process decides alone, at every step; several at log steps
-                stopping = stop.signum is not None
-            if stopping:
+            step_fn(micro_batches, run.lr())  # forward, backward, clip, AdamW
+            run.after_step(micro_batches)  # a log line every --log_every steps
+            if run.stopping:  # a signal: save and exit after this step
                 break
-            if saving:  # after the log step's check that the loss is finite
-                save(latest_metrics)
-        bar.close()
-        elapsed = time.time() - t_epoch
-        log(f"epoch {epoch + 1}: {elapsed:,.0f}s of training, "
-            f"{(tokens_seen - tokens_at_epoch_start) / elapsed:,.0f} tokens/s (this process)")
-        if stopping or agreed(stop.signum is not None):
-            stopping = True
+            if run.save_due():  # after the log step's check that the loss is finite
+                run.save()
+        run.end_epoch(valid_set)  # unless stopping: validation and a checkpoint
+        if run.stopping:
             break
-        if step_in_epoch == steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        latest_metrics = {"validation": run_eval("validation", valid_set)}
-        save(latest_metrics)
-        if master and args.plot:
-            plot_curves(history, checkpoint_path.with_suffix(".png"))
-        stopping = agreed(stop.signum is not None)  # a signal during the evaluation
-
-    if stopping:
-        signum = stop.signum or signal.SIGTERM  # a process the signal did not reach follows the others
-        log(f"{signal.Signals(signum).name}: stopping at step {step:,}")
-        if saved_step != step:
-            save(latest_metrics)
-        log(f"checkpoint saved to {checkpoint_path}. Resume with: "
-            f"python BERT_from_scratch.py --resume {checkpoint_path}")
-        if ddp:
-            dist.destroy_process_group()
-        return 128 + signum
-
-    latest_metrics["test"] = run_eval("test", test_set)
-    save(latest_metrics)
-    if master and args.plot:
-        plot_curves(history, checkpoint_path.with_suffix(".png"))
-    if ddp:  # data parallelism must keep every replica identical: check it
-        digest = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()])
-                              for p in raw_model.parameters()]).flatten().cpu()
-        digests = [None] * world_size
-        dist.all_gather_object(digests, digest)
-        same = all(torch.equal(d, digests[0]) for d in digests)
-        log(f"replicas identical across {world_size} processes: {'yes' if same else 'NO'}")
-        dist.destroy_process_group()
-        if not same:
-            raise UserError("the model replicas diverged across processes")
-    log(f"done: {step:,} steps in {time.time() - t_start:,.0f}s (evaluation included), peak memory "
-        f"{peak_memory_gib():.2f} GiB; checkpoint {checkpoint_path}, metrics log {metrics_path}")
-    return 0
+    return run.finish(test_set)  # the test split and the last checkpoint, or the resume command
 
 
 def peak_memory_gib():
@@ -1182,6 +1390,9 @@ def tqdm_write(msg, **kwargs):
 # Command line
 
 
+CPU_PAD_MULTIPLE = 16
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Pretrain a mini BERT (MLM + NSP) on WikiText-2.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1189,7 +1400,9 @@ def build_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast precision; auto = bf16 where the CPU/GPU has it, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (once per batch shape)")
+    p.add_argument("--no_cuda_graphs", action="store_true",
+                   help="on CUDA, launch every step's kernels from Python instead of replaying a CUDA graph")
     p.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                    help="DataLoader worker processes that build and mask batches")
     # model
@@ -1202,6 +1415,8 @@ def build_parser():
     p.add_argument("--data_dir", default=None,
                    help="local folder with train.txt, validation.txt, test.txt instead of the hub")
     p.add_argument("--max_seq_len", type=int, default=128)
+    p.add_argument("--pad_multiple", type=int, default=None,
+                   help=f"pad batches to a multiple of this length (default: 16 on CUDA, {CPU_PAD_MULTIPLE} on CPU)")
     p.add_argument("--mask_prob", type=float, default=0.15)
     # optimization
     p.add_argument("--epochs", type=int, default=2)
@@ -1249,7 +1464,10 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     if args.checkpoint is None:
         args.checkpoint = f"checkpoints/bert_{args.model_size}.pt"
-    positive = ["epochs", "batch_size", "grad_accum_steps", "vocab_size", "log_every"]
+    if args.pad_multiple is None:  # measured: see the README's "Speed"
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.pad_multiple = 16 if cuda else CPU_PAD_MULTIPLE
+    positive = ["epochs", "batch_size", "grad_accum_steps", "vocab_size", "log_every", "pad_multiple"]
     if args.seed < 0:
         parser.error(f"--seed must be non-negative, got {args.seed}")
     for k in positive:

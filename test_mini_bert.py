@@ -107,6 +107,7 @@ def baselines(train_corpus, dataset, tokenizer):
     probs = (counts + 1) / (counts + 1)[bert.N_SPECIAL:].sum()  # add-one smoothing
     batches = (dataset[i] for i in range(len(dataset)))  # each built once
     targets = np.concatenate([b["mlm_labels"].view(-1)[b["mlm_positions"]].numpy() for b in batches])
+    targets = targets[targets != -100]  # not the padding slots of mlm_positions
     top = int(counts.argmax())
     return {"chance_mlm_accuracy": 1 / (dataset.vocab_size - bert.N_SPECIAL), "chance_nsp_accuracy": 0.5,
             "unigram_token": tokenizer.id_to_token(top),

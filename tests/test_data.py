@@ -112,9 +112,12 @@ def test_layout_and_segment_ids_match_the_tokenizer(tiny_data):
     tokenizer, corpora = tiny_data
     c = corpora["train"]
     pairs = bert.build_pairs(c, np.random.default_rng(0))
-    ds = bert.PretrainingBatches(c, pairs, [np.arange(8)], 64, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    ds = bert.PretrainingBatches(c, pairs, [np.array([j]) for j in range(8)], 64, 0.15,
+                                 tokenizer.get_vocab_size(), 0, 0)
     for j in range(8):
-        ids, types, labels = ds.example(j)
+        batch = ds[j]
+        n = int(batch["attention_mask"].sum())
+        ids, types, labels = (batch[k][0, :n].numpy() for k in ("input_ids", "token_type_ids", "mlm_labels"))
         original = np.where(labels != -100, labels, ids)  # undo the masking
         a, b = c.sentence(pairs[j, 0]), c.sentence(pairs[j, 1])
         expected = tokenizer.post_process(_encoding(tokenizer, a), _encoding(tokenizer, b))
@@ -165,12 +168,13 @@ def test_masking_statistics():
     rng = np.random.default_rng(0)
     V = 1000
     n_candidates = n_selected = n_mask = n_random = n_same = 0
-    for _ in range(400):
-        ids = rng.integers(bert.N_SPECIAL, V, 120)
-        ids[rng.random(120) < 0.05] = bert.UNK_ID
-        ids = np.concatenate([[bert.CLS_ID], ids[:60], [bert.SEP_ID], ids[60:], [bert.SEP_ID]])
-        original = ids.copy()
-        labels = bert.mask_tokens(ids, rng, 0.15, V)
+    ids = rng.integers(bert.N_SPECIAL, V, (400, 120))
+    ids[rng.random((400, 120)) < 0.05] = bert.UNK_ID
+    sep = np.full((400, 1), bert.SEP_ID)
+    batch = np.concatenate([np.full((400, 1), bert.CLS_ID), ids[:, :60], sep, ids[:, 60:], sep], axis=1)
+    original_batch = batch.copy()
+    labels_batch = bert.mask_tokens(batch, np.arange(400), 0, 0, 0.15, V)
+    for ids, original, labels in zip(batch, original_batch, labels_batch):
         selected = labels != -100
         assert (labels[selected] == original[selected]).all()
         assert not selected[original < bert.N_SPECIAL].any()  # never [CLS], [SEP], [UNK], [PAD]
@@ -190,11 +194,10 @@ def test_masking_statistics():
 
 
 def test_at_least_one_position_per_sequence_and_none_without_candidates():
-    rng = np.random.default_rng(0)
-    ids = np.array([bert.CLS_ID, 7, bert.SEP_ID, 9, bert.SEP_ID])
-    assert (bert.mask_tokens(ids, rng, 0.15, 100) != -100).sum() == 1
-    only_special = np.array([bert.CLS_ID, bert.UNK_ID, bert.SEP_ID, bert.UNK_ID, bert.SEP_ID])
-    assert (bert.mask_tokens(only_special, rng, 0.15, 100) == -100).all()
+    ids = np.array([[bert.CLS_ID, 7, bert.SEP_ID, 9, bert.SEP_ID],
+                    [bert.CLS_ID, bert.UNK_ID, bert.SEP_ID, bert.UNK_ID, bert.SEP_ID]])  # only special
+    labels = bert.mask_tokens(ids, np.arange(2), 0, 0, 0.15, 100)
+    assert (labels[0] != -100).sum() == 1 and (labels[1] == -100).all()
 
 
 def test_masks_are_dynamic_and_independent_of_batching(tiny_data):
@@ -213,18 +216,24 @@ def test_masks_are_dynamic_and_independent_of_batching(tiny_data):
 
 # Batching --------------------------------------------------------------------------------
 
-def test_batches_are_padded_to_their_longest_pair(tiny_data):
+@pytest.mark.parametrize("pad_multiple", [1, 16])
+def test_batches_are_padded_to_a_static_shape(tiny_data, pad_multiple):
     tokenizer, corpora = tiny_data
     c = corpora["train"]
     pairs = bert.build_pairs(c, np.random.default_rng(0))
     lengths = bert.pair_lengths(c, pairs, 64)
-    ds = bert.PretrainingBatches(c, pairs, [np.arange(5)], 64, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    ds = bert.PretrainingBatches(c, pairs, [np.arange(5)], 64, 0.15, tokenizer.get_vocab_size(), 0, 0,
+                                 pad_multiple)
     batch = ds[0]
-    assert batch["input_ids"].shape[1] == lengths[:5].max() < 64
+    T = batch["input_ids"].shape[1]
+    assert T == min(-(-lengths[:5].max() // pad_multiple) * pad_multiple, 64) and T % pad_multiple == 0
     assert batch["attention_mask"].sum(1).tolist() == lengths[:5].tolist()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == bert.PAD_ID).all()
     assert (batch["mlm_labels"][batch["attention_mask"] == 0] == -100).all()
-    assert batch["mlm_positions"].tolist() == (batch["mlm_labels"].view(-1) != -100).nonzero().squeeze(1).tolist()
+    # The masked positions, then index 0 ([CLS], never a target) up to the shape's fixed capacity.
+    masked = (batch["mlm_labels"].view(-1) != -100).nonzero().squeeze(1).tolist()
+    assert len(batch["mlm_positions"]) == bert.masked_capacity(T, 5, 0.15) >= len(masked)
+    assert batch["mlm_positions"].tolist() == masked + [0] * (len(batch["mlm_positions"]) - len(masked))
     assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels", "mlm_positions"}
 
 
@@ -247,7 +256,7 @@ def test_a_step_holds_the_same_pairs_for_any_split_over_processes_and_accumulati
     _, corpora = tiny_data
     c = corpora["train"]
     def steps(batch_size, accum, world):
-        args = Namespace(seed=3, max_seq_len=64, batch_size=batch_size, grad_accum_steps=accum)
+        args = Namespace(seed=3, max_seq_len=64, batch_size=batch_size, grad_accum_steps=accum, pad_multiple=16)
         per_rank = [bert.training_batches(c, args, 0, r, world)[1] for r in range(world)]
         n = accum  # micro-batches per step and process
         return [sorted(np.concatenate([b for rank in per_rank for b in rank[s * n:(s + 1) * n]]).tolist())

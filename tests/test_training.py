@@ -1,6 +1,7 @@
 """Training: schedule, checkpoints (atomic, round trip, bad files), gradient accumulation,
 exact resume, interruption by signals, and data parallelism with torchrun."""
 
+import argparse
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import numpy as np
 import torch
 
 import BERT_from_scratch as bert
@@ -244,3 +246,56 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_data_dir):
     # Its position in the epoch is counted in 2-process steps: one process cannot resume it.
     result = run_script("BERT_from_scratch.py", "--resume", ddp_path, "--max_steps", "7")
     assert result.returncode == 1 and "resume it with the same number" in result.stderr
+
+
+# Static shapes ----------------------------------------------------------------------------
+
+def test_static_shapes_give_the_same_loss_and_gradients(tiny_data):
+    """Padding a batch to its bucket length and its masked positions to the bucket's capacity
+    changes neither the loss nor the gradients: the padding slots carry no loss."""
+    tokenizer, corpora = tiny_data
+    c, V = corpora["train"], tokenizer.get_vocab_size()
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    torch.manual_seed(0)
+    model = bert.BertForPreTraining(tiny_config(V, dropout=0.0))
+    static = bert.PretrainingBatches(c, pairs, [np.arange(8)], 64, 0.15, V, 0, 0, pad_multiple=64)[0]
+    # The same pairs and masks padded only to the longest pair, with exactly the masked positions.
+    T = int(static["attention_mask"].sum(1).max())
+    dynamic = {k: v[:, :T].contiguous() for k, v in static.items() if v.dim() == 2}
+    dynamic["nsp_labels"] = static["nsp_labels"]
+    dynamic["mlm_positions"] = (dynamic["mlm_labels"].reshape(-1) != -100).nonzero().squeeze(1)
+    assert static["input_ids"].shape[1] == 64 > T and len(static["mlm_positions"]) > len(dynamic["mlm_positions"])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+    (a, grads_a), (b, grads_b) = loss_and_grads(static), loss_and_grads(dynamic)
+    assert torch.allclose(a.mlm_loss, b.mlm_loss, atol=1e-6) and torch.allclose(a.nsp_loss, b.nsp_loss, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grads_a, grads_b))
+
+
+def test_compile_builds_one_graph_per_batch_shape(tiny_data, monkeypatch):
+    """With static shapes, --compile compiles once per bucket and then reuses it (dynamo's own
+    counters; the eager backend stands in for inductor, which only changes the generated code)."""
+    tokenizer, corpora = tiny_data
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))
+    args = bert.parse_args(["--device", "cpu", "--model_size", "tiny", "--compile", "--max_seq_len", "64",
+                            "--pad_multiple", "16", "--dtype", "fp32"])
+    procs = bert.Processes(torch.device("cpu"))
+    model, step = bert.build_model(args, procs, torch.float32, tokenizer.get_vocab_size(), None)
+    pairs, batches, _ = bert.training_batches(corpora["train"], argparse.Namespace(
+        seed=0, max_seq_len=64, batch_size=4, grad_accum_steps=1, pad_multiple=16), epoch=0)
+    dataset = bert.PretrainingBatches(corpora["train"], pairs, batches, 64, 0.15, tokenizer.get_vocab_size(), 0, 0)
+    shapes = set()
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    for i in range(len(dataset)):
+        batch = dataset[i]
+        shapes.add(tuple(batch["input_ids"].shape) + tuple(batch["mlm_positions"].shape))
+        step([batch], 1e-4)
+    assert len(shapes) >= 2 and len(dataset) > 2 * len(shapes)
+    assert counters["stats"]["unique_graphs"] == len(shapes)
