@@ -211,8 +211,9 @@ class BertForPreTraining(nn.Module):
         """input_ids, token_type_ids, attention_mask, mlm_labels: (B, T); nsp_labels: (B,).
 
         attention_mask is 1 at real tokens and 0 at padding (None: no padding). mlm_positions
-        optionally gives the flat indices of the masked positions (the data loader computes them
-        on the host so that training never waits on the device to count them).
+        optionally gives the flat indices of the masked positions, computed by the data loader on
+        the host so that training never waits on the device to count them; it may be padded to a
+        fixed length with positions whose label is -100, which carry no loss.
         """
         h = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
         nsp_logits = self.nsp_head(self.pool(h))  # (B, 2) from [CLS]
@@ -230,7 +231,7 @@ class BertForPreTraining(nn.Module):
             h_masked = h.flatten(0, 1).gather(0, mlm_positions[:, None].expand(-1, h.size(-1)))  # (n_masked, H)
             mlm_logits = self.mlm_head(h_masked)  # (n_masked, V)
             targets = mlm_labels.view(-1).index_select(0, mlm_positions)
-            mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+            mlm_loss = F.cross_entropy(mlm_logits.float(), targets)  # mean over targets != -100
         if nsp_labels is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
@@ -254,43 +255,6 @@ class BertForPreTraining(nn.Module):
         attention = L * 2 * 2 * seq_len * H  # q k^T and (attention weights) v
         mlm = mask_prob * (2 * H * H + 2 * H * V)  # transform + decoder, masked positions only
         return 3 * (encoder + attention + mlm)
-
-
-def hf_state_dict(model):
-    """The model's weights under transformers' BertForPreTraining names (for export and tests)."""
-    sd, c = model.state_dict(), model.config
-    H = c.hidden_size
-    out = {
-        "bert.embeddings.word_embeddings.weight": sd["embeddings.word_embeddings.weight"],
-        "bert.embeddings.position_embeddings.weight": sd["embeddings.position_embeddings.weight"],
-        "bert.embeddings.token_type_embeddings.weight": sd["embeddings.token_type_embeddings.weight"],
-        "bert.embeddings.LayerNorm.weight": sd["embeddings.norm.weight"],
-        "bert.embeddings.LayerNorm.bias": sd["embeddings.norm.bias"],
-        "bert.pooler.dense.weight": sd["pooler.weight"],
-        "bert.pooler.dense.bias": sd["pooler.bias"],
-        "cls.predictions.transform.dense.weight": sd["mlm_head.dense.weight"],
-        "cls.predictions.transform.dense.bias": sd["mlm_head.dense.bias"],
-        "cls.predictions.transform.LayerNorm.weight": sd["mlm_head.norm.weight"],
-        "cls.predictions.transform.LayerNorm.bias": sd["mlm_head.norm.bias"],
-        "cls.predictions.decoder.weight": sd["mlm_head.decoder.weight"],
-        "cls.predictions.decoder.bias": sd["mlm_head.decoder.bias"],
-        "cls.predictions.bias": sd["mlm_head.decoder.bias"],
-        "cls.seq_relationship.weight": sd["nsp_head.weight"],
-        "cls.seq_relationship.bias": sd["nsp_head.bias"],
-    }
-    for i in range(c.num_hidden_layers):
-        ours, hf = f"layers.{i}.", f"bert.encoder.layer.{i}."
-        for name, w in zip(("query", "key", "value"), sd[ours + "attn.qkv.weight"].split(H)):
-            out[f"{hf}attention.self.{name}.weight"] = w
-        for name, b in zip(("query", "key", "value"), sd[ours + "attn.qkv.bias"].split(H)):
-            out[f"{hf}attention.self.{name}.bias"] = b
-        for hf_name, our_name in [("attention.output.dense", "attn.out"),
-                                  ("attention.output.LayerNorm", "attn_norm"),
-                                  ("intermediate.dense", "ffn.0"), ("output.dense", "ffn.2"),
-                                  ("output.LayerNorm", "ffn_norm")]:
-            out[f"{hf}{hf_name}.weight"] = sd[f"{ours}{our_name}.weight"]
-            out[f"{hf}{hf_name}.bias"] = sd[f"{ours}{our_name}.bias"]
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -688,6 +652,9 @@ def prepare_data(args, tokenizer=None, splits=SPLITS, log=print):
 
 # -----------------------------------------------------------------------------
 # Training
+#
+# train(), at the end of this section, is the loop. Above it, what it calls: the learning-rate
+# schedule, evaluation, checkpoints, the training step, and Run, which holds where a run stands.
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -695,6 +662,23 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--dtype fp16 needs --device cuda (use bf16 on CPUs)")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def cpu_has_bf16():
+    try:  # oneDNN reports whether the CPU has native bf16 arithmetic (AVX512-BF16, AMX)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
 
 
 def autocast_for(device, dtype):
@@ -710,7 +694,7 @@ def batch_to_device(batch, device):
 
 
 def batch_counts(batch):
-    """(masked tokens, pairs, real tokens) of a host batch: counted without asking the device."""
+    """(masked tokens, pairs, real tokens) of a batch still on the host: no device sync."""
     return (int((batch["mlm_labels"] != -100).sum()), len(batch["nsp_labels"]),
             int(batch["attention_mask"].sum()))
 
@@ -720,14 +704,13 @@ def evaluate(model, dataset, device, dtype, num_workers=0):
     """MLM loss, accuracy and perplexity over all masked positions, and NSP accuracy."""
     was_training = model.training
     model.eval()
-    sums = []  # per batch, on the device: read once at the end
+    sums = []  # per batch, kept on the device and read once at the end
     for batch in make_loader(dataset, num_workers, pin_memory=device.type == "cuda"):
         batch = batch_to_device(batch, device)
         with autocast_for(device, dtype):
             out = model(**batch)
-        targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]
-        real = targets != -100  # padding slots of mlm_positions are no targets
-        n_masked, right = real.sum(), out.nsp_logits.argmax(-1) == batch["nsp_labels"]
+        targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]  # -100 at padding slots
+        n_masked, right = (targets != -100).sum(), out.nsp_logits.argmax(-1) == batch["nsp_labels"]
         positive = batch["nsp_labels"] == 0
         sums.append(torch.stack([x.double() for x in (
             out.mlm_loss * n_masked, (out.mlm_logits.argmax(-1) == targets).sum(), n_masked,
@@ -857,44 +840,7 @@ def plot_curves(history, png_path):
     plt.close(fig)
 
 
-# The run's helpers ------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGINT / SIGTERM: the first asks the training loop to save a resumable checkpoint and exit
-    (it does after the current step); a second one exits at once. The handler only sets a flag:
-    printing from it could collide with a progress-bar write in progress."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self)
-
-    def __call__(self, signum, frame):
-        if self.signum is not None:
-            os.write(2, f"\n{signal.Signals(signum).name} again: exiting without saving\n".encode())
-            os._exit(128 + signum)
-        self.signum = signum
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--dtype fp16 needs --device cuda (use bf16 on CPUs)")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def cpu_has_bf16():
-    try:  # oneDNN reports whether the CPU has native bf16 arithmetic (AVX512-BF16, AMX)
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-# The training step ---------------------------------------------------------------------
+# The training step ----------------------------------------------------------------------
 
 
 class TrainStep:
@@ -915,20 +861,20 @@ class TrainStep:
         # accumulation steps and processes, whatever their share of each.
         n_mlm = [batch_counts(b)[0] for b in micro_batches]
         n_nsp = [len(b["nsp_labels"]) for b in micro_batches]
-        mlm_total, nsp_total = self.count_over_processes(sum(n_mlm)), sum(n_nsp) * self.world_size
+        mlm_total, nsp_total = self.sum_over_processes(sum(n_mlm)), sum(n_nsp) * self.world_size
         for k, batch in enumerate(micro_batches):
             last = k == len(micro_batches) - 1  # DDP averages the gradients after the last one only
             with nullcontext() if last or self.world_size == 1 else self.model.no_sync():
-                # DDP divides the summed gradients by world_size: the weights undo that.
+                # (DDP divides the summed gradients by world_size: the weights undo that.)
                 self.forward_backward(batch_to_device(batch, self.device),
                                       self.world_size * n_mlm[k] / mlm_total,
                                       self.world_size * n_nsp[k] / nsp_total)
         self.update()
 
-    def count_over_processes(self, n):
+    def sum_over_processes(self, n):
         if self.world_size == 1:
             return n
-        n = torch.tensor(float(n))  # every batch is full: only the masked tokens need counting
+        n = torch.tensor(float(n))
         if self.device.type == "cuda":  # a pageable host->GPU copy would wait for the GPU
             n = n.pin_memory()
         n = n.to(self.device, non_blocking=True)
@@ -943,10 +889,9 @@ class TrainStep:
         with torch.no_grad():
             targets = batch["mlm_labels"].view(-1)[batch["mlm_positions"]]
             self.stats += torch.stack([
-                out.mlm_loss.float() * (targets != -100).sum(),
-                (out.mlm_logits.argmax(-1) == targets).sum().float(),
+                out.mlm_loss.float() * (targets != -100).sum(), (out.mlm_logits.argmax(-1) == targets).sum(),
                 out.nsp_loss.float() * len(batch["nsp_labels"]),
-                (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().float()])
+                (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum()]).float()
 
     def update(self):
         self.scaler.unscale_(self.optimizer)
@@ -965,14 +910,14 @@ class CudaGraphStep(TrainStep):
     runs eagerly as a warm-up, its second is captured, and every later one replays. The graphs
     share one memory pool and never run at once. The learning rate is a device tensor that the
     captured AdamW reads at each replay, and dropout stays random: each replay advances PyTorch's
-    CUDA generator, exactly as the eager step would.
+    CUDA generator, as the eager step does.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr = torch.zeros((), device=self.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr  # (the optimizer was made capturable for this)
+        for group in self.optimizer.param_groups:  # (the optimizer was made capturable for this)
+            group["lr"] = self.lr
         self.inputs, self.graphs = {}, {}  # per batch shape: static input tensors, the graph
         self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         self.eager = False  # set if a capture fails: the run goes on without graphs
@@ -991,15 +936,14 @@ class CudaGraphStep(TrainStep):
                 self.update()
             torch.cuda.current_stream().wait_stream(self.stream)
             return
-        static = self.inputs[shape]
         for k, v in batch.items():
-            static[k].copy_(v, non_blocking=True)
+            self.inputs[shape][k].copy_(v, non_blocking=True)
         if shape not in self.graphs:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                       capture_error_mode="thread_local"):  # DataLoader threads pin memory
-                    self.forward_backward(static, 1.0, 1.0)
+                    self.forward_backward(self.inputs[shape], 1.0, 1.0)
                     self.update()  # sets the gradients to None: each replay allocates them anew
             except RuntimeError as e:
                 tqdm_write(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); "
@@ -1011,14 +955,7 @@ class CudaGraphStep(TrainStep):
         self.graphs[shape].replay()
 
 
-def use_cuda_graphs(args, device, ddp, dtype):
-    # One process, one micro-batch per step, and no fp16 loss scaler (it checks for overflow on
-    # the host); otherwise steps run eagerly.
-    return (device.type == "cuda" and not args.no_cuda_graphs and not ddp
-            and args.grad_accum_steps == 1 and dtype != torch.float16)
-
-
-# The run: processes, data, model, position, logs and checkpoints -------------------------
+# The run: processes, model, position, logs, checkpoints ---------------------------------
 
 
 @dataclass
@@ -1029,12 +966,8 @@ class Processes:
     world_size: int = 1
     ddp: bool = False
 
-    @property
-    def master(self):
-        return self.rank == 0
-
     def print(self, msg):  # only the first process prints
-        if self.master:
+        if self.rank == 0:
             tqdm_write(msg)
 
     def agree(self, flag):
@@ -1064,12 +997,10 @@ def start_processes(args):
 def load_data(args, procs, ckpt):
     """The tokenizer (a resumed run's own; under torchrun the first process learns it and sends
     it to the others) and the tokenized splits."""
-    tokenizer = None
-    if ckpt:
-        tokenizer = tokenizer_from_json(ckpt["tokenizer"])
-    elif procs.ddp:
+    tokenizer = tokenizer_from_json(ckpt["tokenizer"]) if ckpt else None
+    if procs.ddp and not ckpt:
         shared = [None]
-        if procs.master:
+        if procs.rank == 0:
             articles = split_articles(load_wikitext(args.dataset_config, args.data_dir, ["train"])["train"])
             shared[0] = train_tokenizer(articles, args.vocab_size).to_str()
         dist.broadcast_object_list(shared, src=0)
@@ -1078,12 +1009,15 @@ def load_data(args, procs, ckpt):
 
 
 def build_model(args, procs, dtype, vocab_size, ckpt):
-    """The model, its optimizer and loss scaler (restored when resuming), wrapped for DDP and
+    """The model, its AdamW and loss scaler (restored when resuming), wrapped for DDP and
     torch.compile as asked, and the step that trains it. Returns (model, step)."""
     torch.manual_seed(args.seed)
     config = BertConfig(**ckpt["config"]) if ckpt else config_for(args.model_size, vocab_size, args.dropout)
     model = BertForPreTraining(config).to(procs.device)
-    graphs = use_cuda_graphs(args, procs.device, procs.ddp, dtype)
+    # CUDA graphs replay a step of one micro-batch on one process, without fp16's loss scaler
+    # (which checks for overflow on the host); every other step runs eagerly.
+    graphs = (procs.device.type == "cuda" and not args.no_cuda_graphs and not procs.ddp
+              and args.grad_accum_steps == 1 and dtype != torch.float16)
     optimizer = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.01), lr=args.lr, betas=(0.9, 0.999),
                                   eps=1e-6, fused=True, capturable=graphs)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=dtype == torch.float16)
@@ -1091,10 +1025,11 @@ def build_model(args, procs, dtype, vocab_size, ckpt):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
         scaler.load_state_dict(ckpt["train_state"]["scaler"])
-        for group in optimizer.param_groups:  # this run's way of stepping, not the saved run's
+        for group in optimizer.param_groups:  # as this run steps, not as the saved one did
             group["capturable"] = graphs
-    wrapped = DDP(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None) \
-        if procs.ddp else model
+    wrapped = model
+    if procs.ddp:
+        wrapped = DDP(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
     if args.compile:  # one graph per batch shape, and room for every shape
         torch._dynamo.config.recompile_limit = max(8, -(-args.max_seq_len // args.pad_multiple))
         wrapped = torch.compile(wrapped, dynamic=False)
@@ -1103,10 +1038,27 @@ def build_model(args, procs, dtype, vocab_size, ckpt):
     return model, step
 
 
+class StopRequest:
+    """SIGINT / SIGTERM: the first asks the training loop to save a resumable checkpoint and exit
+    (it does after the current step); a second one exits at once. The handler only sets a flag:
+    printing from it could collide with a progress-bar write in progress."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self)
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting without saving\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+
+
 class Run:
-    """Where a training run stands (step, epoch, position in the epoch), its learning-rate
-    schedule, what it has logged, and how it evaluates and saves itself: the state that the
-    training loop, the logs and the checkpoints share."""
+    """Where a training run stands (step, epoch, position in the epoch), its schedule, what it
+    has logged, and how it evaluates and saves itself: the state that the training loop, the
+    logs and the checkpoints share."""
 
     def __init__(self, args, procs, dtype, model, step_fn, tokenizer, train_corpus, ckpt):
         self.args, self.procs, self.dtype = args, procs, dtype
@@ -1126,13 +1078,13 @@ class Run:
 
         self.step = self.epoch = self.step_in_epoch = 0
         self.history, self.metrics, self.saved_step = [], {}, None
-        self.run_info = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "command": " ".join(["python"] + sys.argv), "git_commit": git_commit()}
+        self.info = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "command": " ".join(["python"] + sys.argv), "git_commit": git_commit()}
         if ckpt:
             self.resume_from(ckpt)
         elif procs.rank > 0:
             torch.manual_seed(args.seed + 1000 * procs.rank)  # each process its own dropout masks
-        if procs.master:  # the log restarts from what the checkpoint knows (nothing, for a new run)
+        if procs.rank == 0:  # the log restarts from what the checkpoint knows (nothing, for a new run)
             self.metrics_path.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
         self.stop, self.stopping = StopRequest(), False
         self.counts = np.zeros(3)  # masked tokens, pairs, real tokens since the last log line
@@ -1147,17 +1099,17 @@ class Run:
                     + (f", resuming at step {self.step:,}" if ckpt else ""))
 
     def resume_from(self, ckpt):
-        state = ckpt["train_state"]
-        if state.get("world_size", 1) != self.procs.world_size:  # the position in the epoch depends on it
+        state, procs = ckpt["train_state"], self.procs
+        if state.get("world_size", 1) != procs.world_size:  # the position in the epoch depends on it
             raise UserError(f"{self.args.resume} was trained by {state.get('world_size', 1)} process(es); "
-                            f"resume it with the same number, not {self.procs.world_size}")
+                            f"resume it with the same number, not {procs.world_size}")
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.history, self.metrics = ckpt.get("history", []), ckpt.get("metrics", {})
-        self.run_info["command"] = ckpt.get("command", "") + "  (resumed: " + self.run_info["command"] + ")"
-        rngs, rank = state["rng"], self.procs.rank
-        set_rng_states(rngs[rank] if len(rngs) == self.procs.world_size else rngs[0])
-        if rank > 0 and len(rngs) != self.procs.world_size:
-            torch.manual_seed(self.args.seed + 1000 * rank + self.step)
+        self.info["command"] = ckpt.get("command", "") + "  (resumed: " + self.info["command"] + ")"
+        rngs = state["rng"]
+        set_rng_states(rngs[procs.rank] if len(rngs) == procs.world_size else rngs[0])
+        if procs.rank > 0 and len(rngs) != procs.world_size:
+            torch.manual_seed(self.args.seed + 1000 * procs.rank + self.step)
 
     def lr(self):
         return lr_at(self.step, self.total_steps, self.warmup_steps, self.args.lr)
@@ -1173,7 +1125,7 @@ class Run:
         self.record({"kind": "epoch", "epoch": self.epoch, "step": self.step, "pairs": len(pairs),
                      "padding": self.padding})
         self.bar = tqdm_bar(total=self.steps_per_epoch, initial=self.step_in_epoch,
-                            disable=not procs.master, desc=f"epoch {self.epoch + 1}")
+                            disable=procs.rank > 0, desc=f"epoch {self.epoch + 1}")
         self.t_epoch = self.t_log = time.time()
         self.epoch_tokens = 0
         return iter(make_loader(dataset, args.num_workers, start=self.step_in_epoch * args.grad_accum_steps,
@@ -1182,50 +1134,44 @@ class Run:
     def save_due(self):
         return self.args.save_every and self.step % self.args.save_every == 0
 
-    def after_step(self, micro_batches):
+    def after_step(self, micro_batches, lr):
         """Count the step; a log line every --log_every steps, before a save and at the end."""
         self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
         for batch in micro_batches:
             self.counts += batch_counts(batch)
-        self.epoch_tokens += sum(batch_counts(b)[2] for b in micro_batches)
+            self.epoch_tokens += batch_counts(batch)[2]
         self.bar.update()
         if (self.step_in_epoch % self.args.log_every == 0 or self.save_due() or self.step == self.max_steps
                 or self.step_in_epoch == self.steps_per_epoch):
-            self.log_train()
+            self.log_train(lr)
         elif not self.procs.ddp:  # one process decides alone, at every step; several at log steps
             self.stopping = self.stop.signum is not None
 
-    def log_train(self):
-        """One log entry from the sums since the last one, over every process. The loop's only
-        host-device sync; it is also where the processes agree on stopping."""
+    def log_train(self, lr):
+        """One log entry from the sums since the last one, over every process: the loop's only
+        host-device sync, and where the processes agree on stopping."""
         stats = self.step_fn.stats
-        totals = torch.cat([stats, torch.tensor([*self.counts, self.stop.signum is not None],
-                                                device=stats.device)])
+        totals = torch.cat([stats, torch.tensor([*self.counts, self.stop.signum is not None], device=stats.device)])
         if self.procs.ddp:
             dist.all_reduce(totals)
         mlm_loss, mlm_hits, nsp_loss, nsp_hits, n_masked, n_pairs, n_tokens, stop = totals.tolist()
         entry = {"kind": "train", "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
                  "loss": mlm_loss / n_masked + nsp_loss / n_pairs, "mlm_loss": mlm_loss / n_masked,
                  "nsp_loss": nsp_loss / n_pairs, "mlm_accuracy": mlm_hits / n_masked,
-                 "nsp_accuracy": nsp_hits / n_pairs, "lr": self.lr_used(),
+                 "nsp_accuracy": nsp_hits / n_pairs, "lr": lr,
                  "tokens_per_s": n_tokens / (time.time() - self.t_log), "padding": self.padding}
         if not math.isfinite(entry["loss"]):
             raise UserError(f"the loss became {entry['loss']} at step {self.step}; lower --lr "
                             f"(the last good checkpoint, if any, is {self.path})")
         self.record(entry)
         self.bar.set_postfix(loss=f"{entry['loss']:.3f}", mlm=f"{entry['mlm_loss']:.3f}",
-                             nsp=f"{entry['nsp_loss']:.3f}", lr=f"{entry['lr']:.2e}",
-                             tok_s=f"{entry['tokens_per_s']:,.0f}")
+                             nsp=f"{entry['nsp_loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:,.0f}")
         stats.zero_()
         self.counts[:] = 0
-        self.t_log = time.time()
-        self.stopping = stop > 0
-
-    def lr_used(self):  # the learning rate of the step just taken
-        return lr_at(self.step - 1, self.total_steps, self.warmup_steps, self.args.lr)
+        self.t_log, self.stopping = time.time(), stop > 0
 
     def end_epoch(self, valid_set):
-        """Close the epoch's progress; unless stopping: validation, a checkpoint, the curves."""
+        """Close the epoch's progress; unless stopping: validation, then a checkpoint."""
         self.bar.close()
         elapsed = time.time() - self.t_epoch
         self.procs.print(f"epoch {self.epoch + 1}: {elapsed:,.0f}s of training, "
@@ -1257,21 +1203,20 @@ class Run:
         self.save()
         if procs.ddp:
             check_replicas(self.model, procs)
-        procs.print(f"done: {self.step:,} steps in {time.time() - self.t_start:,.0f}s (evaluation "
-                    f"included), peak memory {peak_memory_gib():.2f} GiB; checkpoint {self.path}, "
-                    f"metrics log {self.metrics_path}")
+        procs.print(f"done: {self.step:,} steps in {time.time() - self.t_start:,.0f}s (evaluation included), "
+                    f"peak memory {peak_memory_gib():.2f} GiB; checkpoint {self.path}, metrics log {self.metrics_path}")
         return 0
 
     def record(self, entry):
         self.history.append(entry)
-        if self.procs.master:
+        if self.procs.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def evaluate(self, split, dataset):
         """The first process evaluates; the others wait for it."""
         metrics = None
-        if self.procs.master:
+        if self.procs.rank == 0:
             metrics = evaluate(self.model, dataset, self.procs.device, self.dtype, self.args.num_workers)
             self.record({"kind": "eval", "split": split, "step": self.step, "epoch": self.epoch, **metrics})
             self.procs.print(f"{split} @ step {self.step:,}: {format_metrics(metrics)}")
@@ -1280,22 +1225,21 @@ class Run:
         return metrics
 
     def save(self):
-        """A resumable checkpoint: weights, optimizer, position, every process's random state, the
-        history; and, with --plot, the learning curves."""
+        """A resumable checkpoint: weights, optimizer, position, every process's random state and
+        the history; with --plot, the learning curves beside it."""
         self.saved_step = self.step
         rngs = [rng_states()]
         if self.procs.ddp:
             rngs = [None] * self.procs.world_size
             dist.all_gather_object(rngs, rng_states())
-        if not self.procs.master:
+        if self.procs.rank > 0:
             return
-        optimizer, scaler = self.step_fn.optimizer, self.step_fn.scaler
-        train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": self.step,
-                       "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "rng": rngs,
-                       "world_size": self.procs.world_size}
+        train_state = {"optimizer": self.step_fn.optimizer.state_dict(), "scaler": self.step_fn.scaler.state_dict(),
+                       "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                       "rng": rngs, "world_size": self.procs.world_size}
         try:
             save_checkpoint(self.path, self.model, self.tokenizer, step=self.step, metrics=self.metrics,
-                            history=self.history, train_state=train_state, **self.run_info)
+                            history=self.history, train_state=train_state, **self.info)
         except OSError as e:
             raise UserError(f"could not write {self.path} ({e}); the previous checkpoint there, "
                             "if any, is intact") from None
@@ -1322,8 +1266,8 @@ def check_replicas(model, procs):
 def train(args):
     procs = start_processes(args)
     dtype = resolve_dtype(args.dtype, procs.device)
-    ckpt = read_checkpoint(args.resume) if args.resume else None  # resume: settings, weights, position
-    if procs.master:
+    ckpt = read_checkpoint(args.resume) if args.resume else None  # resume: weights and position
+    if procs.rank == 0:
         check_output_path(Path(args.checkpoint), resuming_from=args.resume, overwrite=args.overwrite)
     tokenizer, corpora = load_data(args, procs, ckpt)
     vocab_size = tokenizer.get_vocab_size()
@@ -1336,11 +1280,12 @@ def train(args):
         loader = run.start_epoch(corpora["train"])
         while run.step_in_epoch < run.steps_per_epoch and run.step < run.max_steps:
             micro_batches = [next(loader) for _ in range(args.grad_accum_steps)]
-            step_fn(micro_batches, run.lr())  # forward, backward, clip, AdamW
-            run.after_step(micro_batches)  # a log line every --log_every steps
+            lr = run.lr()
+            step_fn(micro_batches, lr)  # forward, backward, clipping, AdamW
+            run.after_step(micro_batches, lr)  # a log line every --log_every steps
             if run.stopping:  # a signal: save and exit after this step
                 break
-            if run.save_due():  # after the log step's check that the loss is finite
+            if run.save_due():  # (after the log step's check that the loss is finite)
                 run.save()
         run.end_epoch(valid_set)  # unless stopping: validation and a checkpoint
         if run.stopping:
@@ -1349,6 +1294,7 @@ def train(args):
 
 
 def peak_memory_gib():
+
     """Peak resident memory of this process in GiB (VmHWM: unlike ru_maxrss, it does not carry
     over the high-water mark of the process that started us)."""
     try:
@@ -1467,34 +1413,25 @@ def parse_args(argv=None):
     if args.pad_multiple is None:  # measured: see the README's "Speed"
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.pad_multiple = 16 if cuda else CPU_PAD_MULTIPLE
-    positive = ["epochs", "batch_size", "grad_accum_steps", "vocab_size", "log_every", "pad_multiple"]
-    if args.seed < 0:
-        parser.error(f"--seed must be non-negative, got {args.seed}")
-    for k in positive:
-        if getattr(args, k) <= 0:
-            parser.error(f"--{k} must be positive, got {getattr(args, k)}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        parser.error(f"--max_steps must be positive, got {args.max_steps}")
-    if args.save_every < 0 or args.num_workers < 0:
-        parser.error("--save_every and --num_workers cannot be negative")
-    if not 0.0 < args.mask_prob < 1.0:
-        parser.error(f"--mask_prob must be in (0, 1), got {args.mask_prob}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if not 0.0 <= args.warmup < 1.0:
-        parser.error(f"--warmup must be in [0, 1), got {args.warmup}")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.vocab_size < 100:
-        parser.error(f"--vocab_size must be at least 100, got {args.vocab_size}")
     max_positions = BertConfig.max_position_embeddings
-    if not 8 <= args.max_seq_len <= max_positions:
-        parser.error(f"--max_seq_len must be between 8 and {max_positions} (the position table), "
-                     f"got {args.max_seq_len}")
+    checks = [("seed", args.seed >= 0, "must be non-negative"),
+              ("max_steps", args.max_steps is None or args.max_steps > 0, "must be positive"),
+              ("save_every", args.save_every >= 0, "cannot be negative"),
+              ("num_workers", args.num_workers >= 0, "cannot be negative"),
+              ("mask_prob", 0.0 < args.mask_prob < 1.0, "must be in (0, 1)"),
+              ("lr", args.lr > 0, "must be positive"),
+              ("warmup", 0.0 <= args.warmup < 1.0, "must be in [0, 1)"),
+              ("dropout", 0.0 <= args.dropout < 1.0, "must be in [0, 1)"),
+              ("vocab_size", args.vocab_size >= 100, "must be at least 100"),
+              ("max_seq_len", 8 <= args.max_seq_len <= max_positions,
+               f"must be between 8 and {max_positions} (the position table)")]
+    checks += [(k, getattr(args, k) > 0, "must be positive") for k in
+               ("epochs", "batch_size", "grad_accum_steps", "log_every", "pad_multiple")]
+    for flag, ok, requirement in checks:
+        if not ok:
+            parser.error(f"--{flag} {requirement}, got {getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here (use --device cpu)")
-    if args.compile and not hasattr(torch, "compile"):
-        parser.error("--compile needs PyTorch 2")
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (fail now, not after the first epoch)

@@ -115,6 +115,43 @@ def baselines(train_corpus, dataset, tokenizer):
             "unigram_perplexity": float(np.exp(-np.log(probs[targets]).mean()))}
 
 
+def hf_state_dict(model):
+    """The model's weights under transformers' BertForPreTraining names (for export and tests)."""
+    sd, c = model.state_dict(), model.config
+    H = c.hidden_size
+    out = {
+        "bert.embeddings.word_embeddings.weight": sd["embeddings.word_embeddings.weight"],
+        "bert.embeddings.position_embeddings.weight": sd["embeddings.position_embeddings.weight"],
+        "bert.embeddings.token_type_embeddings.weight": sd["embeddings.token_type_embeddings.weight"],
+        "bert.embeddings.LayerNorm.weight": sd["embeddings.norm.weight"],
+        "bert.embeddings.LayerNorm.bias": sd["embeddings.norm.bias"],
+        "bert.pooler.dense.weight": sd["pooler.weight"],
+        "bert.pooler.dense.bias": sd["pooler.bias"],
+        "cls.predictions.transform.dense.weight": sd["mlm_head.dense.weight"],
+        "cls.predictions.transform.dense.bias": sd["mlm_head.dense.bias"],
+        "cls.predictions.transform.LayerNorm.weight": sd["mlm_head.norm.weight"],
+        "cls.predictions.transform.LayerNorm.bias": sd["mlm_head.norm.bias"],
+        "cls.predictions.decoder.weight": sd["mlm_head.decoder.weight"],
+        "cls.predictions.decoder.bias": sd["mlm_head.decoder.bias"],
+        "cls.predictions.bias": sd["mlm_head.decoder.bias"],
+        "cls.seq_relationship.weight": sd["nsp_head.weight"],
+        "cls.seq_relationship.bias": sd["nsp_head.bias"],
+    }
+    for i in range(c.num_hidden_layers):
+        ours, hf = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        for name, w in zip(("query", "key", "value"), sd[ours + "attn.qkv.weight"].split(H)):
+            out[f"{hf}attention.self.{name}.weight"] = w
+        for name, b in zip(("query", "key", "value"), sd[ours + "attn.qkv.bias"].split(H)):
+            out[f"{hf}attention.self.{name}.bias"] = b
+        for hf_name, our_name in [("attention.output.dense", "attn.out"),
+                                  ("attention.output.LayerNorm", "attn_norm"),
+                                  ("intermediate.dense", "ffn.0"), ("output.dense", "ffn.2"),
+                                  ("output.LayerNorm", "ffn_norm")]:
+            out[f"{hf}{hf_name}.weight"] = sd[f"{ours}{our_name}.weight"]
+            out[f"{hf}{hf_name}.bias"] = sd[f"{ours}{our_name}.bias"]
+    return out
+
+
 def to_transformers(model):
     """transformers' BertForPreTraining with this model's config and weights."""
     import transformers
@@ -128,7 +165,7 @@ def to_transformers(model):
         layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range,
         pad_token_id=c.pad_token_id, hidden_act="gelu", architectures=["BertForPreTraining"])
     hf_model = transformers.BertForPreTraining(hf_config)
-    hf_model.load_state_dict(bert.hf_state_dict(model), strict=True)
+    hf_model.load_state_dict(hf_state_dict(model), strict=True)
     return hf_model
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import BERT_from_scratch as bert
 from conftest import tiny_config
+from test_mini_bert import hf_state_dict
 
 
 def random_batch(config, B=3, T=12, lengths=(12, 7, 4), seed=0):
@@ -160,7 +161,7 @@ def test_parity_with_transformers_bert_for_pretraining():
         type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
         hidden_act="gelu", pad_token_id=config.pad_token_id)
     theirs = transformers.BertForPreTraining(hf_config).eval()
-    theirs.load_state_dict(bert.hf_state_dict(ours), strict=True)
+    theirs.load_state_dict(hf_state_dict(ours), strict=True)
     assert theirs.cls.predictions.decoder.weight.data_ptr() == theirs.bert.embeddings.word_embeddings.weight.data_ptr()
     b = random_batch(config)
     with torch.no_grad():
