@@ -14,6 +14,7 @@ pretrained model shipped with the repository.
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -306,6 +307,9 @@ def main(argv=None):
         run(args)
     except bert.UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         sys.exit(1)
 
 

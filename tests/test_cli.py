@@ -55,6 +55,14 @@ def test_fill_mask_json(trained):
         assert not {p["token"] for p in predictions} & set(bert.SPECIAL_TOKENS)
 
 
+def test_json_into_a_pipe_that_closes_early_exits_quietly(trained):
+    cmd = f"{sys.executable} test_mini_bert.py --checkpoint {trained} --json --top_k 50 | head -n 2"
+    result = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.count("\n") == 2
+    assert "Traceback" not in result.stderr and "Broken" not in result.stderr
+
+
 def test_next_sentence_and_demo(trained):
     out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json",
                              "--sentence_a", "the castle was built .", "--sentence_b", "the river is long ."))
