@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures in one go, on one CUDA GPU (about 7 minutes on an H100):
+# The README's GPU figures in one go, on one CUDA GPU:
 #   1. the CUDA tests: CUDA-graph steps train the same model as eager steps, dropout stays random
 #      under replay, a failed capture falls back to eager steps, resuming continues the run;
 #   2. bench_train.py: mini against transformers in fp32 and bf16 on the seed command's batches
