@@ -16,16 +16,19 @@ The file reads top to bottom: config, model, data, training, command line.
 
 import argparse
 import functools
+import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 
@@ -265,6 +268,7 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 N_SPECIAL = len(SPECIAL_TOKENS)  # every id >= N_SPECIAL is an ordinary WordPiece token
 SPLITS = ("train", "validation", "test")
 EVAL_SEED = 1234  # evaluation pairs and masks never change, so runs compare
+TOKENIZER_SAMPLE = 250_000  # the vocabulary is learned from at most this many sentences (benchmarks/README.md)
 
 
 class UserError(Exception):
@@ -272,30 +276,39 @@ class UserError(Exception):
 
 
 def load_wikitext(dataset_config, data_dir, splits=SPLITS):
-    """The raw lines of each split, from a local copy (data_dir) or from the HuggingFace hub."""
+    """The raw lines of each split, from a local copy (data_dir) or from the HuggingFace hub, as
+    iterables read afresh on every pass: a split is never held in memory whole."""
     if data_dir is not None:
-        lines = {}
-        for split in splits:
-            path = Path(data_dir) / f"{split}.txt"
+        paths = {split: Path(data_dir) / f"{split}.txt" for split in splits}
+        for path in paths.values():
             if not path.is_file():
-                raise UserError(f"--data_dir {data_dir} has no {split}.txt (expected train.txt, "
+                raise UserError(f"--data_dir {data_dir} has no {path.name} (expected train.txt, "
                                 "validation.txt and test.txt, as in ../shared/data/wikitext-2-v1)")
-            try:
-                lines[split] = path.read_text(encoding="utf-8").split("\n")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read {path} as UTF-8 text: {e}") from None
-        return lines
+        return {split: TextFile(path) for split, path in paths.items()}
     try:
         import datasets  # imported here: only the hub path needs it
         datasets.disable_progress_bars()
         ds = datasets.load_dataset("Salesforce/wikitext", dataset_config)
-        return {split: ds[split]["text"] for split in splits}
+        return {split: ds[split]["text"] for split in splits}  # columns read lazily from disk
     except Exception as e:
         raise UserError(
             f"could not load Salesforce/wikitext '{dataset_config}' from the HuggingFace hub or its "
             f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without "
             "network, pass --data_dir DIR with train.txt/validation.txt/test.txt, or set "
             "HF_HUB_OFFLINE=1 with a prepared datasets cache in HF_HOME.") from None
+
+
+@dataclass
+class TextFile:
+    """A text file's lines, read line by line on every pass over them."""
+    path: Path
+
+    def __iter__(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                yield from f
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {self.path} as UTF-8 text: {e}") from None
 
 
 _TITLE = re.compile(r"^ = [^=].* = $")  # " = Title = " starts an article
@@ -309,25 +322,57 @@ def normalize_wikitext(line):
     return line.replace("<unk>", "[UNK]")
 
 
-def split_articles(lines):
-    """WikiText lines -> articles, each a list of sentences (headings and blank lines dropped)."""
-    lines = [line.rstrip("\n") for line in lines]
-    articles = []
-    for i, line in enumerate(lines):
+def iter_articles(lines):
+    """WikiText lines -> articles, one at a time, each a list of sentences (headings and blank
+    lines dropped). Reads the lines as it goes: one line of look-ahead, one article held."""
+    article, previous = None, ""
+    for line, following in itertools.pairwise(itertools.chain((l.rstrip("\n") for l in lines), [""])):
         if _TITLE.match(line) or _HEADING.match(line):
             # A title stands between blank lines; " = Played , W = " inside a table does not.
-            between_blanks = ((i == 0 or not lines[i - 1].strip())
-                              and (i + 1 == len(lines) or not lines[i + 1].strip()))
-            if _TITLE.match(line) and between_blanks:
-                articles.append([])
-            continue  # headings and table markup are no sentences
-        if not line.strip():
-            continue
-        if not articles:  # text before the first title: an article of its own
-            articles.append([])
-        text = " " + normalize_wikitext(line.strip())
-        articles[-1].extend(s.strip() for s in _SENTENCE_END.split(text) if s.strip())
-    return articles
+            if _TITLE.match(line) and not previous.strip() and not following.strip():
+                if article is not None:
+                    yield article
+                article = []
+        elif line.strip():  # (headings, table markup and blank lines are no sentences)
+            if article is None:  # text before the first title: an article of its own
+                article = []
+            text = " " + normalize_wikitext(line.strip())
+            article.extend(s.strip() for s in _SENTENCE_END.split(text) if s.strip())
+        previous = line
+    if article is not None:
+        yield article
+
+
+def split_articles(lines):
+    return list(iter_articles(lines))
+
+
+def sentence_chunks(articles, size):
+    """(sentences, the index of each one's article), about `size` sentences at a time."""
+    sentences, article = [], []
+    for a, sentences_of_a in enumerate(articles):
+        sentences += sentences_of_a
+        article += [a] * len(sentences_of_a)
+        if len(sentences) >= size:
+            yield sentences, article
+            sentences, article = [], []
+    if sentences:
+        yield sentences, article
+
+
+def sample_sentences(articles, n, seed=0):
+    """n sentences drawn at random without replacement, in the order of the text (all of them
+    when there are no more than n). One pass that holds n sentences and a chunk: sentence i gets a
+    random key that depends only on (seed, i), and the sample is the n sentences of smallest key."""
+    kept, keys, count = [], np.zeros(0, np.uint64), 0
+    for sentences, _ in sentence_chunks(articles, n):
+        kept += sentences
+        index, count = np.arange(count, count + len(sentences)), count + len(sentences)
+        keys = np.concatenate([keys, random_bits((seed, 0, SAMPLE_STREAM), index)])
+        if len(kept) > n:
+            best = np.sort(np.argpartition(keys, n)[:n])  # in text order
+            kept, keys = [kept[i] for i in best], keys[best]
+    return kept
 
 
 def train_tokenizer(articles, vocab_size):
@@ -392,15 +437,33 @@ class Corpus:
         return np.diff(self.offsets)
 
 
-def tokenize_corpus(articles, tokenizer):
-    sentences = [s for article in articles for s in article]
-    encodings = tokenizer.encode_batch_fast(sentences, add_special_tokens=False)
-    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
-    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=lengths.sum())
-    keep = lengths > 0  # a sentence of characters the normalizer removes entirely
-    article = np.repeat(np.arange(len(articles)), [len(a) for a in articles])[keep]
-    offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
-    return Corpus(ids, offsets, article)
+def tokenize_corpus(articles, tokenizer, chunk=10_000):
+    """A split's articles (a list, or read as it goes) -> Corpus, a chunk of sentences at a time:
+    what it holds grows with the token ids, not with the text."""
+    ids, lengths, article = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    pieces = {}  # every word's WordPiece ids, shared by the chunks
+    for sentences, article_of in sentence_chunks(articles, chunk):
+        chunk_ids, chunk_lengths = encode_sentences(sentences, tokenizer, pieces)
+        keep = chunk_lengths > 0  # a sentence of characters the normalizer removes entirely
+        ids.append(chunk_ids)
+        lengths.append(chunk_lengths[keep])
+        article.append(np.array(article_of)[keep])
+    lengths = np.concatenate(lengths)
+    return Corpus(np.concatenate(ids), np.concatenate([[0], np.cumsum(lengths)]), np.concatenate(article))
+
+
+def encode_sentences(sentences, tokenizer, pieces):
+    """The sentences' token ids end to end, and each one's length. The tokenizer splits at every
+    space and splits a word the same way wherever it occurs, so it sees each distinct word once
+    (WikiText repeats its words, and a Python dict look-up is faster than WordPiece)."""
+    words = " ".join(sentences).split(" ")
+    new = list(set(words).difference(pieces))
+    pieces.update(zip(new, (e.ids for e in tokenizer.encode_batch_fast(new, add_special_tokens=False))))
+    ids_of_words = list(map(pieces.__getitem__, words))
+    word_lengths = np.fromiter(map(len, ids_of_words), np.int64, len(words))
+    ids = np.fromiter(itertools.chain.from_iterable(ids_of_words), np.int32, word_lengths.sum())
+    n_words = np.fromiter((s.count(" ") + 1 for s in sentences), np.int64, len(sentences))
+    return ids, np.add.reduceat(word_lengths, np.cumsum(n_words) - n_words)
 
 
 def rng_for(seed, epoch, stream, index=0):
@@ -409,7 +472,7 @@ def rng_for(seed, epoch, stream, index=0):
     return np.random.default_rng([seed, epoch, stream, index])
 
 
-PAIR_STREAM, ORDER_STREAM, MASK_STREAM = 1, 2, 3
+PAIR_STREAM, ORDER_STREAM, MASK_STREAM, SAMPLE_STREAM = 1, 2, 3, 4
 
 
 def splitmix64(x):
@@ -570,15 +633,13 @@ def length_grouped_batches(lengths, batch_size, rng, group=64):
     """Batches of pairs of similar length, in random order, so that little of each batch is
     padding: shuffle, sort each run of `group` batches' worth of pairs by length, cut it into
     batches, shuffle the batches. The last incomplete batch is dropped (a different few pairs
-    every epoch), so every step, process and accumulation step sees a full batch."""
+    every epoch), so every step, process and accumulation step sees a full batch.
+    Returns (n_batches, batch_size) pair indices."""
     order = rng.permutation(len(lengths))
-    chunk = batch_size * group
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = order[start:start + chunk]
-        part = part[np.argsort(-lengths[part], kind="stable")]
-        batches += [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    run, longest = np.arange(len(order)) // (batch_size * group), lengths.max(initial=0)
+    order = order[np.argsort(run * (longest + 1) + longest - lengths[order], kind="stable")]  # by run, longest first
+    batches = order[:len(order) // batch_size * batch_size].reshape(-1, batch_size)
+    return batches[rng.permutation(len(batches))]
 
 
 def training_batches(corpus, args, epoch, rank=0, world_size=1):
@@ -591,11 +652,9 @@ def training_batches(corpus, args, epoch, rank=0, world_size=1):
     pairs = build_pairs(corpus, rng_for(args.seed, epoch, PAIR_STREAM))  # fresh negatives
     lengths = pair_lengths(corpus, pairs, args.max_seq_len)
     micro, K = args.batch_size, args.grad_accum_steps
-    steps = length_grouped_batches(lengths, micro * K * world_size,
-                                   rng_for(args.seed, epoch, ORDER_STREAM))
-    mine = [step[(k * world_size + rank) * micro:(k * world_size + rank + 1) * micro]
-            for step in steps for k in range(K)]
-    every = np.stack([b for step in steps for b in np.split(step, K * world_size)])  # (n, micro)
+    steps = length_grouped_batches(lengths, micro * K * world_size, rng_for(args.seed, epoch, ORDER_STREAM))
+    every = steps.reshape(-1, micro)  # (steps * K * world_size, micro): slice j of step s is row s * K * W + j
+    mine = steps.reshape(len(steps), K, world_size, micro)[:, :, rank].reshape(-1, micro)
     padded = padded_length(lengths[every].max(1), args.pad_multiple, args.max_seq_len).sum() * micro
     padding = float(1.0 - lengths[every].sum() / max(padded, 1))
     return pairs, mine, padding
@@ -627,27 +686,123 @@ def make_loader(dataset, num_workers, start=0, pin_memory=False):
         generator=torch.Generator())  # its own: starting a loader must not move the global RNG
 
 
-def prepare_data(args, tokenizer=None, splits=SPLITS, log=print):
-    """Load WikiText, split it into articles and sentences, train the tokenizer on the train
-    split (unless one is given) and tokenize every split. Returns (tokenizer, {split: Corpus})."""
+def prepare_data(args, tokenizer=None, splits=SPLITS, log=print, cache_dir=None):
+    """Read WikiText, learn the tokenizer from the train split (unless one is given) and tokenize
+    every split; with a cache_dir, each is computed once and read back from there after.
+    Returns (tokenizer, {split: Corpus})."""
     t0 = time.time()
-    lines = load_wikitext(args.dataset_config, args.data_dir, splits)
-    articles = {split: split_articles(lines[split]) for split in splits}
-    t1 = time.time()
+    text = functools.cache(lambda: load_wikitext(args.dataset_config, args.data_dir, splits))  # read on a cache miss
     if tokenizer is None:
-        tokenizer = train_tokenizer(articles["train"], args.vocab_size)
-    t2 = time.time()
-    corpora = {split: tokenize_corpus(articles[split], tokenizer) for split in splits}
-    t3 = time.time()
+        key = cache_key(text_source(args, "train"), args.vocab_size, args.tokenizer_sample)
+        tokenizer = cached(cache_dir, f"tokenizer-{key}", log, build=lambda: learn_tokenizer(text()["train"], args),
+                           save=lambda tok, folder: (folder / "tokenizer.json").write_text(tok.to_str()),
+                           load=lambda folder: tokenizer_from_json((folder / "tokenizer.json").read_text()))
+    t1 = time.time()
+    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    corpora = {split: cached(cache_dir, f"{split}-{cache_key(text_source(args, split), tokenizer_hash)}", log,
+                             build=lambda: tokenize_corpus(iter_articles(text()[split]), tokenizer),
+                             save=save_corpus, load=load_corpus) for split in splits}
     for split in splits:
         c = corpora[split]
         if len(c) == 0:
             raise UserError(f"the {split} split has no sentences")
         log(f"data: {split:10s} {c.article.max() + 1:6,} articles {len(c):8,} sentences "
             f"{len(c.ids):10,} tokens ({(c.ids == UNK_ID).mean():.2%} [UNK])")
-    log(f"data: read {t1 - t0:.1f}s, tokenizer ({tokenizer.get_vocab_size():,} tokens) "
-        f"{t2 - t1:.1f}s, tokenization {t3 - t2:.1f}s")
+    log(f"data: tokenizer ({tokenizer.get_vocab_size():,} tokens) {t1 - t0:.1f}s, tokenized splits "
+        f"{time.time() - t1:.1f}s" + (f" (cache: {cache_dir})" if cache_dir else ""))
     return tokenizer, corpora
+
+
+def learn_tokenizer(lines, args):
+    """WordPiece learned from a sample of args.tokenizer_sample sentences of the train split (its
+    every sentence, in order, when it has no more): memory and time stay bounded on a large split.
+    The sample's seed is fixed: the vocabulary is part of the data, the same for every --seed."""
+    return train_tokenizer([sample_sentences(iter_articles(lines), args.tokenizer_sample)], args.vocab_size)
+
+
+# The cache: the tokenizer and the tokenized splits are computed once for each text and setting.
+# An entry is a folder of files and a manifest of their checksums, written under a temporary name
+# and renamed into place, so a reader sees a whole entry or none, and checks it before use.
+
+DATA_VERSION = 1  # part of every cache key: bump it when the data code changes what it computes
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bert-from-scratch"
+
+
+def text_source(args, split):
+    """What identifies a split's text: the hub's dataset name, or the file's path, size and mtime."""
+    if args.data_dir is None:
+        return ["Salesforce/wikitext", args.dataset_config, split]
+    path = load_wikitext(args.dataset_config, args.data_dir, [split])[split].path.resolve()  # (or its error)
+    return [str(path), path.stat().st_size, path.stat().st_mtime_ns]
+
+
+def cache_key(*parts):
+    return hashlib.sha256(json.dumps([DATA_VERSION, *parts]).encode()).hexdigest()[:16]
+
+
+def cached(cache_dir, name, log, build, save, load):
+    """load() the cache entry `name` if it is intact; else build() the object, save() it as a new
+    entry and return it as loaded back. Without a cache_dir: build() it."""
+    folder = cache_dir and Path(cache_dir) / name
+    if folder and folder.is_dir():
+        try:
+            check_entry(folder)
+            return load(folder)
+        except Exception as e:  # whatever is wrong with it, the entry is rebuilt, never used
+            log(f"cache: {folder} is damaged ({type(e).__name__}: {e}); rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
+    obj = build()
+    return load(folder) if folder and write_entry(folder, lambda tmp: save(obj, tmp), log) else obj
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_entry(folder):
+    """Raise ValueError unless the folder's files are exactly those of its manifest, intact."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if set(manifest) != {p.name for p in folder.iterdir()} - {"manifest.json"}:
+        raise ValueError("its files are not those of its manifest")
+    for name, digest in manifest.items():
+        if file_sha256(folder / name) != digest:
+            raise ValueError(f"{name} does not match its checksum")
+
+
+def write_entry(folder, write, log):
+    """Write a cache entry atomically: write() fills a temporary folder, which gets its manifest
+    and is renamed into place. Returns whether the entry is there."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        tmp.rename(folder)
+    except OSError as e:
+        if not folder.is_dir():  # (if it is, another process wrote the same entry first)
+            log(f"cache: could not write {folder} ({e}); going on without it")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder.is_dir()
+
+
+def save_corpus(corpus, folder):
+    for f in fields(Corpus):
+        np.save(folder / f"{f.name}.npy", getattr(corpus, f.name))
+
+
+def load_corpus(folder):
+    """A saved Corpus, memory-mapped: pages are read as batches need them, shared by processes."""
+    corpus = Corpus(*(np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(Corpus)))
+    if len(corpus.offsets) != len(corpus) + 1 or corpus.offsets[-1] != len(corpus.ids):
+        raise ValueError("its arrays disagree in length")
+    return corpus
 
 
 # -----------------------------------------------------------------------------
@@ -995,17 +1150,20 @@ def start_processes(args):
 
 
 def load_data(args, procs, ckpt):
-    """The tokenizer (a resumed run's own; under torchrun the first process learns it and sends
-    it to the others) and the tokenized splits."""
+    """The tokenizer (a resumed run's own) and the tokenized splits. Under torchrun the first
+    process prepares them (and caches them) and sends the tokenizer to the others, which then
+    read the cache, or without one tokenize the splits themselves."""
     tokenizer = tokenizer_from_json(ckpt["tokenizer"]) if ckpt else None
-    if procs.ddp and not ckpt:
-        shared = [None]
-        if procs.rank == 0:
-            articles = split_articles(load_wikitext(args.dataset_config, args.data_dir, ["train"])["train"])
-            shared[0] = train_tokenizer(articles, args.vocab_size).to_str()
+    cache_dir = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
+    if procs.rank == 0:
+        tokenizer, corpora = prepare_data(args, tokenizer, log=procs.print, cache_dir=cache_dir)
+    if procs.ddp:
+        shared = [tokenizer.to_str() if procs.rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
-        tokenizer = tokenizer_from_json(shared[0])
-    return prepare_data(args, tokenizer, log=procs.print)
+        if procs.rank > 0:
+            tokenizer, corpora = prepare_data(args, tokenizer_from_json(shared[0]), log=procs.print,
+                                              cache_dir=cache_dir)
+    return tokenizer, corpora
 
 
 def build_model(args, procs, dtype, vocab_size, ckpt):
@@ -1363,6 +1521,12 @@ def build_parser():
                    choices=["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"])
     p.add_argument("--data_dir", default=None,
                    help="local folder with train.txt, validation.txt, test.txt instead of the hub")
+    p.add_argument("--tokenizer_sample", type=int, default=TOKENIZER_SAMPLE,
+                   help="learn the vocabulary from a random sample of this many train sentences (all if fewer)")
+    p.add_argument("--cache_dir", default=None,
+                   help="where the tokenizer and tokenized splits are cached (default $XDG_CACHE_HOME/bert-from-scratch "
+                   "or ~/.cache/bert-from-scratch)")
+    p.add_argument("--no_cache", action="store_true", help="prepare the data afresh, without reading or writing the cache")
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--pad_multiple", type=int, default=None,
                    help=f"pad batches to a multiple of this length (default: 16 on CUDA, {CPU_PAD_MULTIPLE} on CPU)")
@@ -1426,6 +1590,7 @@ def parse_args(argv=None):
               ("warmup", 0.0 <= args.warmup < 1.0, "must be in [0, 1)"),
               ("dropout", 0.0 <= args.dropout < 1.0, "must be in [0, 1)"),
               ("vocab_size", args.vocab_size >= 100, "must be at least 100"),
+              ("tokenizer_sample", args.tokenizer_sample > 0, "must be positive"),
               ("max_seq_len", 8 <= args.max_seq_len <= max_positions,
                f"must be between 8 and {max_positions} (the position table)")]
     checks += [(k, getattr(args, k) > 0, "must be positive") for k in

@@ -28,7 +28,7 @@ def main():
     p.add_argument("--pin_memory", action="store_true", help="as on CUDA (needs a GPU)")
     args = p.parse_args()
     args.seed, args.max_seq_len, args.grad_accum_steps, args.vocab_size = 0, 128, 1, 16384
-    args.dataset_config = "wikitext-2-v1"
+    args.dataset_config, args.tokenizer_sample = "wikitext-2-v1", bert.TOKENIZER_SAMPLE
     tokenizer, corpora = bert.prepare_data(args, splits=("train",), log=lambda *a: None)
     t = time.perf_counter()
     pairs, batches, padding = bert.training_batches(corpora["train"], args, epoch=0)

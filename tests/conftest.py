@@ -60,6 +60,14 @@ def write_tiny_wikitext(folder, articles=(24, 6, 6), sentences=(6, 10), seed=0):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """Training runs cache their data under $XDG_CACHE_HOME: a temporary folder, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     return write_tiny_wikitext(tmp_path_factory.mktemp("tiny_wikitext"))
@@ -68,7 +76,8 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(tiny_data_dir):
     """(tokenizer, {split: Corpus}) of the tiny corpus."""
-    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(tiny_data_dir), vocab_size=300)
+    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(tiny_data_dir), vocab_size=300,
+                     tokenizer_sample=bert.TOKENIZER_SAMPLE)
     return bert.prepare_data(args, log=lambda *a: None)
 
 

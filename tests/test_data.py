@@ -60,7 +60,8 @@ def test_tokenizer_is_trained_on_train_only(tmp_path):
     from conftest import write_tiny_wikitext
     folder = write_tiny_wikitext(tmp_path / "d")
     (folder / "validation.txt").write_text(" = V = \n zyzzyva quixotic zyzzyva . quixotic zyzzyva .\n")
-    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(folder), vocab_size=2000)
+    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(folder), vocab_size=2000,
+                     tokenizer_sample=bert.TOKENIZER_SAMPLE)
     tokenizer, corpora = bert.prepare_data(args, log=lambda *a: None)
     assert tokenizer.token_to_id("zyzzyva") is None and tokenizer.token_to_id("castle") is not None
 
@@ -269,7 +270,8 @@ def test_a_step_holds_the_same_pairs_for_any_split_over_processes_and_accumulati
 
 @needs_wikitext
 def test_wikitext2_preparation():
-    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(WIKITEXT_DIR), vocab_size=16384)
+    args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(WIKITEXT_DIR), vocab_size=16384,
+                     tokenizer_sample=bert.TOKENIZER_SAMPLE)
     tokenizer, corpora = bert.prepare_data(args, log=lambda *a: None)
     assert tokenizer.get_vocab_size() == 16384
     for split, articles in [("train", 600), ("validation", 60), ("test", 60)]:
@@ -278,3 +280,107 @@ def test_wikitext2_preparation():
     assert len(pairs) > 140_000
     unk = tokenizer.encode("[UNK]", add_special_tokens=False).ids
     assert unk == [bert.UNK_ID] and (corpora["test"].ids == bert.UNK_ID).mean() > 0.03
+
+
+# Large splits: a sampled vocabulary, streamed reading and tokenization, vectorised batches ----------
+
+def test_sentence_sample_is_seeded_bounded_and_in_text_order(tiny_data_dir):
+    articles = bert.split_articles((tiny_data_dir / "train.txt").read_text().split("\n"))
+    sentences = [s for article in articles for s in article]
+    sample = bert.sample_sentences(iter(articles), 50, seed=0)  # a one-pass iterator will do
+    assert len(sample) == 50 < len(sentences)
+    positions = [sentences.index(s) for s in sample]
+    assert positions == sorted(positions)
+    assert bert.sample_sentences(articles, 50, seed=0) == sample != bert.sample_sentences(articles, 50, seed=1)
+    assert bert.sample_sentences(articles, len(sentences), seed=0) == sentences  # small split: all of it
+    # Uniform: over many seeds, every sentence is drawn about equally often.
+    numbered = [[f"sentence {a} {i}" for i in range(7)] for a in range(30)]
+    counts = np.zeros(210)
+    for seed in range(400):
+        for s in bert.sample_sentences(numbered, 50, seed):
+            counts[int(s.split()[1]) * 7 + int(s.split()[2])] += 1
+    assert counts.sum() == 400 * 50 and 0.6 < counts.min() / counts.mean() < counts.max() / counts.mean() < 1.4
+
+
+def test_the_vocabulary_comes_from_the_whole_split_when_small_and_a_sample_when_large(tiny_data_dir, monkeypatch):
+    articles = bert.split_articles((tiny_data_dir / "train.txt").read_text().split("\n"))
+    lines = bert.load_wikitext("wikitext-2-v1", tiny_data_dir, ["train"])["train"]
+    small = bert.learn_tokenizer(lines, Namespace(vocab_size=300, tokenizer_sample=bert.TOKENIZER_SAMPLE))
+    assert small.to_str() == bert.train_tokenizer(articles, 300).to_str()  # exactly as before sampling
+    seen = []
+    train = bert.train_tokenizer
+    monkeypatch.setattr(bert, "train_tokenizer", lambda a, v: seen.append(a) or train(a, v))
+    large = [bert.learn_tokenizer(lines, Namespace(vocab_size=300, tokenizer_sample=60)) for _ in range(3)]
+    assert [len([s for a in text for s in a]) for text in seen] == [60] * 3
+    assert len({t.to_str() for t in large}) == 1 and large[0].to_str() != small.to_str()
+
+
+@needs_wikitext
+def test_wikitext2_is_small_enough_to_learn_its_vocabulary_from_all_of_it():
+    lines = bert.load_wikitext("wikitext-2-v1", WIKITEXT_DIR, ["train"])["train"]
+    assert sum(len(a) for a in bert.iter_articles(lines)) == 77_394 < bert.TOKENIZER_SAMPLE
+
+
+def test_articles_are_read_as_the_lines_come(tiny_data_dir):
+    lines = (tiny_data_dir / "train.txt").read_text().split("\n")
+    assert list(bert.iter_articles(iter(lines))) == bert.split_articles(lines)
+    with open(tiny_data_dir / "train.txt") as f:  # lines with their "\n", as a file gives them
+        assert list(bert.iter_articles(f)) == bert.split_articles(lines)
+
+
+def tokenize_at_once(articles, tokenizer):
+    """The reference: every sentence of the split encoded in one call."""
+    sentences = [s for article in articles for s in article]
+    encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+    keep = lengths > 0
+    ids = np.array([i for e in encodings for i in e.ids], dtype=np.int32)
+    article = np.repeat(np.arange(len(articles)), [len(a) for a in articles])[keep]
+    return bert.Corpus(ids, np.concatenate([[0], np.cumsum(lengths[keep])]), article)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_streamed_tokenization_equals_tokenizing_all_at_once(tiny_data, tiny_data_dir, chunk):
+    tokenizer, _ = tiny_data
+    articles = bert.split_articles((tiny_data_dir / "validation.txt").read_text().split("\n"))
+    # What the word cache must get right: odd spacing, accents, punctuation, characters the
+    # normalizer removes, a sentence of nothing else, and a word longer than WordPiece's limit.
+    articles[1:1] = [["Ünïcode  café , naïve\u00a0tab\there", "\x00\x01", "zz" * 60 + " the castle ."], []]
+    expected = tokenize_at_once(articles, tokenizer)
+    got = bert.tokenize_corpus(iter(articles), tokenizer, chunk=chunk)
+    for f in ("ids", "offsets", "article"):
+        assert getattr(got, f).dtype == getattr(expected, f).dtype
+        assert np.array_equal(getattr(got, f), getattr(expected, f))
+
+
+def batches_reference(corpus, args, epoch, rank, world_size):
+    """training_batches as a plain loop over pairs and steps: what the vectorised one must equal."""
+    pairs = bert.build_pairs(corpus, bert.rng_for(args.seed, epoch, bert.PAIR_STREAM))
+    lengths = bert.pair_lengths(corpus, pairs, args.max_seq_len)
+    rng, step_size = bert.rng_for(args.seed, epoch, bert.ORDER_STREAM), args.batch_size * args.grad_accum_steps * world_size
+    order, batches = rng.permutation(len(lengths)), []
+    for start in range(0, len(order), step_size * 64):
+        part = order[start:start + step_size * 64]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + step_size] for i in range(0, len(part) - step_size + 1, step_size)]
+    steps = [batches[i] for i in rng.permutation(len(batches))]
+    micro, mine, real, padded = args.batch_size, [], 0, 0
+    for step in steps:
+        for j in range(args.grad_accum_steps * world_size):
+            b = step[j * micro:(j + 1) * micro]
+            if j % world_size == rank:
+                mine.append(b)
+            real += lengths[b].sum()
+            padded += bert.padded_length(lengths[b].max(), args.pad_multiple, args.max_seq_len) * micro
+    return pairs, mine, float(1.0 - real / max(padded, 1))
+
+
+@pytest.mark.parametrize("batch_size, accum, world", [(4, 1, 1), (3, 2, 1), (2, 1, 3), (2, 2, 2)])
+def test_vectorised_batches_equal_a_plain_loop(tiny_data, batch_size, accum, world):
+    _, corpora = tiny_data
+    args = Namespace(seed=5, max_seq_len=32, batch_size=batch_size, grad_accum_steps=accum, pad_multiple=8)
+    for rank in range(world):
+        pairs, mine, padding = bert.training_batches(corpora["train"], args, 1, rank, world)
+        ref_pairs, ref_mine, ref_padding = batches_reference(corpora["train"], args, 1, rank, world)
+        assert np.array_equal(pairs, ref_pairs) and padding == ref_padding
+        assert mine.shape == (len(ref_mine), batch_size) and np.array_equal(mine, np.array(ref_mine))
