@@ -394,8 +394,11 @@ def train_tokenizer(articles, vocab_size):
     # run (huggingface/tokenizers#1794). Declared up front, in sorted order, they get fixed
     # numbers and training becomes deterministic.
     tokenizer = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chunks = set()
+    for i in range(0, len(text), 10_000):  # (all the words of a large text at once would take gigabytes)
+        chunks.update(tokenizer.normalizer.normalize_str("\n".join(text[i:i + 10_000])).split())
     pieces = set()
-    for chunk in set(tokenizer.normalizer.normalize_str("\n".join(text)).split()):
+    for chunk in chunks:
         for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(chunk):
             pieces.update("##" + c for c in word[1:])
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
