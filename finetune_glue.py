@@ -329,7 +329,7 @@ def finetune(model, train_set, args):
 
 
 def run(args):
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
     max_positions = ckpt["config"]["max_position_embeddings"]
@@ -347,6 +347,7 @@ def run(args):
     settings.update(weight_decay=0.01, threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
+            "cpu_seconds": round(time.process_time() - cpu0, 1),  # summed over threads
             "train_examples": len(train_set), "dev_examples": len(dev_set)}
 
 
