@@ -95,6 +95,7 @@ def cell(task, runs):
 
 def table(results, tasks, all_lrs):
     inits = [i for i in ("shipped", "random") if any(key(r)[1] == i for r in results)]
+    all_lrs = {lr for lr in all_lrs if any(key(r)[2] == lr for r in results)}  # the grid that ran
     lines = ["| init | " + " | ".join(NAMES[t] for t in tasks) + " | average |",
              "|---|" + "---:|" * (len(tasks) + 1)]
     seconds, cpu_seconds = {}, {}
