@@ -306,7 +306,7 @@ def finetune(model, train_set, args):
     optimizer = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.01), lr=args.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=True)
     bar = bert.tqdm_bar(total=total_steps, desc=args.task, file=sys.stderr, disable=None)
-    step, loss_sum = 0, 0.0
+    step, losses = 0, []
     model.train()
     for batches in epochs:
         for idx in batches:
@@ -320,17 +320,16 @@ def finetune(model, train_set, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_sum += loss.item()
-            if step % 20 == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{loss_sum / 20 if step % 20 == 0 else loss.item():.3f}")
-                loss_sum = 0.0
+            losses.append(loss.item())
+            if step % 20 == 0:  # the mean training loss of the last 20 steps
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             bar.update()
     bar.close()
     return total_steps
 
 
 def run(args):
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
     max_positions = ckpt["config"]["max_position_embeddings"]
@@ -348,6 +347,7 @@ def run(args):
     settings.update(weight_decay=0.01, threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
+            "cpu_seconds": round(time.process_time() - cpu0, 1),  # summed over threads
             "train_examples": len(train_set), "dev_examples": len(dev_set)}
 
 

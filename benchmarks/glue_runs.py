@@ -95,9 +95,10 @@ def cell(task, runs):
 
 def table(results, tasks, all_lrs):
     inits = [i for i in ("shipped", "random") if any(key(r)[1] == i for r in results)]
+    all_lrs = {lr for lr in all_lrs if any(key(r)[2] == lr for r in results)}  # the grid that ran
     lines = ["| init | " + " | ".join(NAMES[t] for t in tasks) + " | average |",
              "|---|" + "---:|" * (len(tasks) + 1)]
-    seconds = {}
+    seconds, cpu_seconds = {}, {}
     for init in inits:
         row, scores, complete = [], [], True
         for task in tasks:
@@ -110,14 +111,16 @@ def table(results, tasks, all_lrs):
                 continue
             scores.append(100 * np.mean([r["score"] for r in runs]))
             seconds.setdefault(task, []).extend(r["seconds"] for r in runs)
+            cpu_seconds.setdefault(task, []).extend(r["cpu_seconds"] for r in runs if "cpu_seconds" in r)
             row.append(f"{cell(task, runs)} <sub>lr {lr:g}, {len(runs)} seed{'s' * (len(runs) > 1)}</sub>")
         average = f"{np.mean(scores):.1f}" if complete else ""
         lines.append(f"| {init} | " + " | ".join(row) + f" | {average} |")
     if set(tasks) == set(TASKS):
         lines.append("| Google BERT-Mini, test set | " + " | ".join(GOOGLE_MINI[t] for t in tasks)
                      + f" | {GOOGLE_MINI_AVERAGE:.1f} |")
-    lines.append("| seconds per run (mean) | " + " | ".join(
-        f"{np.mean(seconds[t]):,.0f}" if t in seconds else "" for t in tasks) + " | |")
+    for name, values in (("seconds per run (wall, mean)", seconds), ("CPU seconds per run (mean)", cpu_seconds)):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{np.mean(values[t]):,.0f}" if values.get(t) else "" for t in tasks) + " | |")
     caption = ("GLUE dev sets, scores ×100, mean ± standard deviation over seeds. The lr of each task and "
                f"init is the one of the grid {{{', '.join(f'{lr:g}' for lr in sorted(all_lrs))}}} with the "
                "best seed-0 dev score (the same grid for both inits); other seeds run at that lr. MRPC and "
