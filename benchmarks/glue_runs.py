@@ -7,6 +7,8 @@ then prints a markdown table.
     python benchmarks/glue_runs.py --data_dir ../shared/data/glue                # the whole grid
     python benchmarks/glue_runs.py --data_dir ../shared/data/glue --tasks rte --seeds 0
     python benchmarks/glue_runs.py --table_only                                  # the table only
+    python benchmarks/glue_runs.py --data_dir ../shared/data/glue --inits shipped --lrs 1e-4 --seeds 0 \
+        --jobs 2 --threads 1 --results /tmp/timing.jsonl       # the five tasks' wall time on 2 cores
 
 The grid, per task and init: every --lrs at seed 0; then the other --seeds at the lr with the best
 seed-0 dev score (the same lr grid for both inits). The table shows, per task and init, the mean
@@ -17,6 +19,9 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "glue_results.jsonl"
 TASKS = ["cola", "sst2", "mrpc", "stsb", "rte"]
+LONGEST_FIRST = ["sst2", "mrpc", "stsb", "rte", "cola"]  # CPU time per run, so that --jobs balances the cores
 NAMES = {"cola": "CoLA (MCC)", "sst2": "SST-2 (acc)", "mrpc": "MRPC (F1/acc)", "stsb": "STS-B (P/S)", "rte": "RTE (acc)"}
 # Google's BERT-Mini (L=4, H=256), GLUE *test* set, from the model card of Turc et al. 2019,
 # "Well-Read Students Learn Better" (github.com/google-research/bert): not the dev sets used here.
@@ -48,12 +54,13 @@ def run_one(args, task, init, lr, seed):
     cmd += ["--data_dir", args.data_dir] if args.data_dir else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--random_init"] if init == "random" else []
+    cmd += args.finetune_args
     print(f"running {task} {init} lr {lr:g} seed {seed}", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)  # progress bar: our stderr
     if out.returncode != 0:
         sys.exit(f"failed ({out.returncode}): {' '.join(cmd)}")
     result = json.loads(out.stdout)
-    with open(args.results, "a") as f:
+    with WRITING, open(args.results, "a") as f:
         f.write(json.dumps(result) + "\n")
     print(f"  {task} {init} lr {lr:g} seed {seed}: {result['score']:.4f} ({result['seconds']:.0f}s)",
           file=sys.stderr, flush=True)
@@ -67,20 +74,27 @@ def best_lr(results, task, init, lrs):
     return max(lrs, key=lambda lr: np.mean(scores[lr]))
 
 
+WRITING = threading.Lock()
+
+
+def run_all(args, runs):
+    """The runs (task, init, lr, seed), --jobs of them at a time, the longest first."""
+    runs = sorted(runs, key=lambda r: LONGEST_FIRST.index(r[0]))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda r: run_one(args, *r), runs))  # (list: a failed run's exit reaches us)
+
+
 def run_grid(args):
+    """First every seed-0 run (the lr grid), then the other seeds at each task's and init's best lr."""
+    t0 = time.time()
     done = {key(r) for r in read_results(args.results)}
-    # First every seed-0 run (the lr grid), then the other seeds at each best lr.
-    for task in args.tasks:
-        for init in args.inits:
-            for lr in args.lrs:
-                if (task, init, lr, 0) not in done:
-                    run_one(args, task, init, lr, 0)
-    for seed in [s for s in args.seeds if s != 0]:
-        for task in args.tasks:
-            for init in args.inits:
-                lr = best_lr(read_results(args.results), task, init, args.lrs)
-                if lr is not None and (task, init, lr, seed) not in done:
-                    run_one(args, task, init, lr, seed)
+    run_all(args, [(task, init, lr, 0) for task in args.tasks for init in args.inits for lr in args.lrs
+                   if (task, init, lr, 0) not in done])
+    results = read_results(args.results)
+    best = {(task, init): best_lr(results, task, init, args.lrs) for task in args.tasks for init in args.inits}
+    run_all(args, [(task, init, lr, seed) for seed in args.seeds if seed != 0 for (task, init), lr in best.items()
+                   if lr is not None and (task, init, lr, seed) not in done])
+    print(f"grid: {time.time() - t0:,.0f}s wall, {args.jobs} run(s) at a time", file=sys.stderr)
 
 
 def cell(task, runs):
@@ -137,8 +151,10 @@ def main():
     p.add_argument("--data_dir", default=None, help="GLUE's task folders (default: the hub)")
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "bert-mini-wikitext2.pt"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread on 2 cores)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--table_only", action="store_true", help="print the table of the results file")
+    p.add_argument("finetune_args", nargs="*", help="after --: more flags for every finetune_glue.py run")
     args = p.parse_args()
     if not args.table_only:
         run_grid(args)

@@ -230,3 +230,29 @@ def test_hub_failure_suggests_data_dir(monkeypatch):
     with pytest.raises(bert.UserError, match="nyu-mll/glue 'rte'.*ConnectionError.*--data_dir") as info:
         glue.load_task("rte", None)
     assert "\n" not in str(info.value)
+
+
+def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, tmp_path):
+    """benchmarks/glue_runs.py: two runs at a time; each lr at seed 0, other seeds only at the best
+    lr; a second call finds everything done and runs nothing; the table reads the file."""
+    import subprocess
+    import sys
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "glue_runs.py"), "--checkpoint", str(checkpoint),
+           "--data_dir", str(glue_dir), "--tasks", "rte", "stsb", "--inits", "shipped", "--lrs", "1e-4", "3e-4",
+           "--seeds", "0", "1", "--threads", "1", "--jobs", "2", "--results", str(results),
+           "--", "--max_seq_len", "32", "--batch_size", "4"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr
+    runs = [json.loads(line) for line in results.read_text().splitlines()]
+    keys = [(r["task"], r["settings"]["lr"], r["settings"]["seed"]) for r in runs]
+    assert len(keys) == len(set(keys)) == 6  # 2 tasks x (2 lrs at seed 0 + seed 1 at one lr)
+    for task in ("rte", "stsb"):
+        seed0 = {lr: r["score"] for r in runs for t, lr, seed in [(r["task"], r["settings"]["lr"], r["settings"]["seed"])]
+                 if t == task and seed == 0}
+        (chosen,) = [lr for t, lr, seed in keys if t == task and seed == 1]
+        assert seed0[chosen] == max(seed0.values())
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0 and "running" not in again.stderr
+    assert len(results.read_text().splitlines()) == 6
+    assert "| shipped |" in again.stdout and "2 seeds" in again.stdout
