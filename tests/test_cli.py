@@ -77,8 +77,12 @@ def test_next_sentence_and_demo(trained):
 def test_eval_reproduces_the_training_scores(trained, tiny_data_dir):
     out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--eval", "--json",
                              "--data_dir", tiny_data_dir))
-    # Same fixed-seed pairs and masks, same fp32 arithmetic: the very same numbers.
-    assert out["test"] == torch.load(trained, weights_only=True)["metrics"]["test"]
+    # Same fixed-seed pairs and masks: the same numbers, up to fp32 rounding (on CPUs with bf16 the
+    # training process may pick other fp32 kernels than a fresh one, a difference of about 1e-8).
+    expected = torch.load(trained, weights_only=True)["metrics"]["test"]
+    assert out["test"].keys() == expected.keys()
+    for name, value in expected.items():
+        assert out["test"][name] == pytest.approx(value, rel=1e-6), name
 
 
 def test_predictions_survive_long_input_with_a_notice(trained):

@@ -256,3 +256,15 @@ def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, t
     assert again.returncode == 0 and "running" not in again.stderr
     assert len(results.read_text().splitlines()) == 6
     assert "| shipped |" in again.stdout and "2 seeds" in again.stdout
+
+
+def test_readme_glue_table_is_the_one_the_results_file_gives():
+    """The README's GLUE rows are what `glue_runs.py --table_only` prints from the committed results."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("glue_runs", REPO / "benchmarks" / "glue_runs.py")
+    runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    printed = runs.table(runs.read_results(runs.RESULTS), runs.TASKS, {1e-4, 3e-4}).splitlines()
+    readme = (REPO / "README.md").read_text().splitlines()
+    for init in ("| shipped |", "| random |", "| Google BERT-Mini"):
+        assert [line for line in readme if line.startswith(init)] == [l for l in printed if l.startswith(init)]
