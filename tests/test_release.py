@@ -55,3 +55,17 @@ def test_shipped_model_scores_what_the_readme_reports():
     assert test["nsp_accuracy"] == pytest.approx(expected["nsp_accuracy"], abs=2e-3)
     assert test["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-2)
     assert test["masked_tokens"] == expected["masked_tokens"] and test["pairs"] == expected["pairs"]
+
+
+def test_readme_seed_command_row_and_output_are_its_log():
+    """The README's seed-command row and sample output are the committed log of that run."""
+    log = [json.loads(line) for line in (REPO / "benchmarks" / "seed_command_cpu.metrics.jsonl").open()]
+    (test,) = [e for e in log if e["kind"] == "eval" and e["split"] == "test"]
+    assert test["masked_tokens"] == readme_figures()["masked_tokens"]  # the same test set as the shipped row
+    readme = (REPO / "README.md").read_text()
+    row = f"| {test['mlm_accuracy']:.2%} | {test['perplexity']:.1f} | {test['nsp_accuracy']:.2%} |"
+    assert [line for line in readme.splitlines() if line.startswith("| the seed command")][0].endswith(row)
+    (valid,) = [e for e in log if e["kind"] == "eval" and e["split"] == "validation" and e["epoch"] == 1]
+    assert f"validation @ step {valid['step']:,}: {bert.format_metrics(valid)}" in readme
+    (epoch,) = [e for e in log if e["kind"] == "epoch" and e["epoch"] == 0]
+    assert f"epoch 1/2: {epoch['pairs']:,} pairs" in readme
