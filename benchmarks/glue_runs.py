@@ -7,6 +7,8 @@ then prints a markdown table.
     python benchmarks/glue_runs.py --data_dir ../shared/data/glue                # the whole grid
     python benchmarks/glue_runs.py --data_dir ../shared/data/glue --tasks rte --seeds 0
     python benchmarks/glue_runs.py --table_only                                  # the table only
+    python benchmarks/glue_runs.py --data_dir ../shared/data/glue --checkpoint checkpoints/bert_mini.pt \
+        --inits shipped --label "seed command" --results benchmarks/glue_results_seed_command.jsonl
     python benchmarks/glue_runs.py --data_dir ../shared/data/glue --inits shipped --lrs 1e-4 --seeds 0 \
         --jobs 2 --threads 1 --results /tmp/timing.jsonl       # the five tasks' wall time on 2 cores
 
@@ -107,7 +109,7 @@ def cell(task, runs):
     return "/".join(parts)
 
 
-def table(results, tasks, all_lrs):
+def table(results, tasks, all_lrs, label="shipped"):
     inits = [i for i in ("shipped", "random") if any(key(r)[1] == i for r in results)]
     all_lrs = {lr for lr in all_lrs if any(key(r)[2] == lr for r in results)}  # the grid that ran
     lines = ["| init | " + " | ".join(NAMES[t] for t in tasks) + " | average |",
@@ -128,7 +130,7 @@ def table(results, tasks, all_lrs):
             cpu_seconds.setdefault(task, []).extend(r["cpu_seconds"] for r in runs if "cpu_seconds" in r)
             row.append(f"{cell(task, runs)} <sub>lr {lr:g}, {len(runs)} seed{'s' * (len(runs) > 1)}</sub>")
         average = f"{np.mean(scores):.1f}" if complete else ""
-        lines.append(f"| {init} | " + " | ".join(row) + f" | {average} |")
+        lines.append(f"| {label if init == 'shipped' else init} | " + " | ".join(row) + f" | {average} |")
     if set(tasks) == set(TASKS):
         lines.append("| Google BERT-Mini, test set | " + " | ".join(GOOGLE_MINI[t] for t in tasks)
                      + f" | {GOOGLE_MINI_AVERAGE:.1f} |")
@@ -149,7 +151,9 @@ def main():
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data_dir", default=None, help="GLUE's task folders (default: the hub)")
-    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "bert-mini-wikitext2.pt"))
+    p.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "bert-mini-wikitext2.pt"),
+                   help="the pretrained init ('shipped' in --inits)")
+    p.add_argument("--label", default="shipped", help="the table's name for the --checkpoint rows")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. 2 runs of 1 thread on 2 cores)")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -161,7 +165,7 @@ def main():
     results = read_results(args.results)
     if not results:
         sys.exit(f"no results in {args.results}")
-    print(table(results, [t for t in TASKS if any(r["task"] == t for r in results)], set(args.lrs)))
+    print(table(results, [t for t in TASKS if any(r["task"] == t for r in results)], set(args.lrs), args.label))
 
 
 if __name__ == "__main__":
