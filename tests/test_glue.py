@@ -270,3 +270,7 @@ def test_readme_glue_table_is_the_one_the_results_file_gives():
     readme = (REPO / "README.md").read_text().splitlines()
     for init in ("| shipped |", "| random |", "| Google BERT-Mini"):
         assert [line for line in readme if line.startswith(init)] == [l for l in printed if l.startswith(init)]
+    seed_command = runs.read_results(REPO / "benchmarks" / "glue_results_seed_command.jsonl")
+    printed = runs.table(seed_command, runs.TASKS, {1e-4, 3e-4}, "seed command").splitlines()
+    row = [line for line in readme if line.startswith("| seed command |")]
+    assert row and row == [line for line in printed if line.startswith("| seed command |")]
