@@ -7,7 +7,7 @@ Everything BERT-specific is written here from standard PyTorch layers; the only 
 are the WikiText-2 download (HF `datasets`) and the WordPiece trainer (HF `tokenizers`).
 
     python BERT_from_scratch.py --device cuda --epochs 2 --batch_size 16    # --device cpu without a GPU
-    python BERT_from_scratch.py --data_dir ../shared/data/wikitext-2-v1     # a local copy, no hub
+    python BERT_from_scratch.py --data_dir DIR                              # WikiText's train/validation/test.txt
     torchrun --nproc_per_node=2 BERT_from_scratch.py --batch_size 16        # data parallel
     python test_mini_bert.py                                                # predictions from the checkpoint
 
@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config
@@ -115,8 +116,8 @@ class SelfAttention(nn.Module):
         B, T, H = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, H // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs) + mask) v in one fused kernel; attn_mask is (B, 1, 1, T), True
-        # where the key is a real token, or None when the batch has no padding at all.
+        # softmax(q k^T / sqrt(hs) + mask) v, by PyTorch's fused attention where it applies; attn_mask
+        # is (B, 1, 1, T), True where the key is a real token, or None when no attention_mask is given.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, nh * hs)
@@ -163,7 +164,7 @@ class PreTrainingOutput:
     loss: torch.Tensor | None  # mlm_loss + nsp_loss (whichever labels were given)
     mlm_loss: torch.Tensor | None  # mean cross-entropy over the masked positions
     nsp_loss: torch.Tensor | None  # mean cross-entropy over the pairs
-    mlm_logits: torch.Tensor  # (B, T, V) without mlm_labels; (n_masked, V) with them
+    mlm_logits: torch.Tensor  # (B, T, V) without mlm_labels; with them (len(mlm_positions), V)
     nsp_logits: torch.Tensor  # (B, 2): class 0 = "B follows A", class 1 = "B is random"
 
 
@@ -282,14 +283,14 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
         paths = {split: Path(data_dir) / f"{split}.txt" for split in splits}
         for path in paths.values():
             if not path.is_file():
-                raise UserError(f"--data_dir {data_dir} has no {path.name} (expected train.txt, "
-                                "validation.txt and test.txt, as in ../shared/data/wikitext-2-v1)")
+                raise UserError(f"--data_dir {data_dir} has no {path.name} (expected WikiText's "
+                                "train.txt, validation.txt and test.txt)")
         return {split: TextFile(path) for split, path in paths.items()}
     try:
         import datasets  # imported here: only the hub path needs it
         datasets.disable_progress_bars()
         ds = datasets.load_dataset("Salesforce/wikitext", dataset_config)
-        return {split: ds[split]["text"] for split in splits}  # columns read lazily from disk
+        return {split: ds[split]["text"] for split in splits}  # (datasets 4+ reads columns lazily)
     except Exception as e:
         raise UserError(
             f"could not load Salesforce/wikitext '{dataset_config}' from the HuggingFace hub or its "
@@ -327,13 +328,14 @@ def iter_articles(lines):
     lines dropped). Reads the lines as it goes: one line of look-ahead, one article held."""
     article, previous = None, ""
     for line, following in itertools.pairwise(itertools.chain((l.rstrip("\n") for l in lines), [""])):
-        if _TITLE.match(line) or _HEADING.match(line):
+        title = _TITLE.match(line)
+        if title or _HEADING.match(line):  # (headings are no sentences)
             # A title stands between blank lines; " = Played , W = " inside a table does not.
-            if _TITLE.match(line) and not previous.strip() and not following.strip():
+            if title and not previous.strip() and not following.strip():
                 if article is not None:
                     yield article
                 article = []
-        elif line.strip():  # (headings, table markup and blank lines are no sentences)
+        elif line.strip():
             if article is None:  # text before the first title: an article of its own
                 article = []
             text = " " + normalize_wikitext(line.strip())
@@ -418,6 +420,13 @@ def train_tokenizer(articles, vocab_size):
     return tokenizer
 
 
+def learn_tokenizer(lines, args):
+    """WordPiece learned from a sample of args.tokenizer_sample sentences of the train split (its
+    every sentence, in order, when it has no more): memory and time stay bounded on a large split.
+    The sample's seed is fixed: the vocabulary is part of the data, the same for every --seed."""
+    return train_tokenizer([sample_sentences(iter_articles(lines), args.tokenizer_sample)], args.vocab_size)
+
+
 def tokenizer_from_json(text):
     from tokenizers import Tokenizer
     return Tokenizer.from_str(text)
@@ -469,10 +478,9 @@ def encode_sentences(sentences, tokenizer, pieces):
     return ids, np.add.reduceat(word_lengths, np.cumsum(n_words) - n_words)
 
 
-def rng_for(seed, epoch, stream, index=0):
-    # One independent random stream per (seed, epoch, purpose, item). SeedSequence pads short keys
-    # with zeros, so keys always have four entries to keep distinct keys distinct.
-    return np.random.default_rng([seed, epoch, stream, index])
+def rng_for(seed, epoch, stream):
+    # One independent random stream per (seed, epoch, purpose).
+    return np.random.default_rng([seed, epoch, stream])
 
 
 PAIR_STREAM, ORDER_STREAM, MASK_STREAM, SAMPLE_STREAM = 1, 2, 3, 4
@@ -552,11 +560,11 @@ def mask_tokens(input_ids, pair_index, seed, epoch, mask_prob, vocab_size):
     choose, action, token = (random_bits((seed, epoch, MASK_STREAM, k), counter) for k in range(3))
     candidate = input_ids >= N_SPECIAL
     n_candidates = candidate.sum(1)
-    n = np.where(n_candidates > 0, np.maximum(1, (n_candidates * mask_prob + 0.5).astype(np.int64)), 0)
+    n = np.maximum(1, (n_candidates * mask_prob + 0.5).astype(np.int64))
     # The n candidates with the smallest random keys: a uniformly random subset of size n.
     keys = np.where(candidate, choose, np.uint64(2 ** 64 - 1))
-    nth_key = np.sort(keys, axis=1)[np.arange(B), np.maximum(n - 1, 0)]
-    selected = candidate & (keys <= nth_key[:, None]) & (n[:, None] > 0)
+    nth_key = np.sort(keys, axis=1)[np.arange(B), n - 1]
+    selected = candidate & (keys <= nth_key[:, None])
     labels = np.where(selected, input_ids, -100)
     u = (action >> np.uint64(11)) * 2.0 ** -53  # uniform in [0, 1)
     input_ids[selected & (u < 0.8)] = MASK_ID
@@ -582,8 +590,8 @@ def masked_capacity(seq_len, batch_size, mask_prob):
 
 class PretrainingBatches(torch.utils.data.Dataset):
     """Item i is batch i of an epoch: its pairs laid out as [CLS] A [SEP] B [SEP], masked afresh,
-    padded to a static shape. Built with array operations, a batch at a time, in DataLoader
-    workers.
+    padded to a static shape. Built with array operations, a batch at a time, in the training
+    process (or in DataLoader workers, with --num_workers).
 
     mlm_positions holds the flat indices of the masked tokens, then index 0 (row 0's [CLS], whose
     label is -100) up to the shape's capacity: padding slots carry no loss.
@@ -609,7 +617,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
         in_a, in_b = (t >= 1) & (t < start_b - 1), (t >= start_b) & (t < end - 1)  # (B, T)
         source = np.where(in_a, self.corpus.offsets[a][:, None] + t - 1,
                           self.corpus.offsets[b][:, None] + t - start_b)
-        input_ids = np.where(in_a | in_b, self.corpus.ids[np.where(in_a | in_b, source, 0)], PAD_ID)
+        text = in_a | in_b
+        input_ids = np.where(text, self.corpus.ids[np.where(text, source, 0)], PAD_ID)
         input_ids = input_ids.astype(np.int64)
         input_ids[:, 0] = CLS_ID
         input_ids[(t == start_b - 1) | (t == end - 1)] = SEP_ID
@@ -627,8 +636,8 @@ class PretrainingBatches(torch.utils.data.Dataset):
 
 
 def pair_lengths(corpus, pairs, max_seq_len):
-    len_a, len_b = truncated_lengths(corpus.lengths()[pairs[:, 0]], corpus.lengths()[pairs[:, 1]],
-                                     max_seq_len)
+    lengths = corpus.lengths()
+    len_a, len_b = truncated_lengths(lengths[pairs[:, 0]], lengths[pairs[:, 1]], max_seq_len)
     return len_a + len_b + 3
 
 
@@ -646,7 +655,7 @@ def length_grouped_batches(lengths, batch_size, rng, group=64):
 
 
 def training_batches(corpus, args, epoch, rank=0, world_size=1):
-    """This process's micro-batches for one epoch, in order, and the epoch's padding fraction.
+    """(the epoch's pairs, this process's micro-batches in order, the epoch's padding fraction).
 
     An optimizer step consumes batch_size * grad_accum_steps * world_size pairs; micro-batch k of
     process r is slice (k * world_size + r) of it. So the pairs of a step (and their masks) are
@@ -687,40 +696,6 @@ def make_loader(dataset, num_workers, start=0, pin_memory=False):
         pin_memory=pin_memory, worker_init_fn=_ignore_signals,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator())  # its own: starting a loader must not move the global RNG
-
-
-def prepare_data(args, tokenizer=None, splits=SPLITS, log=print, cache_dir=None):
-    """Read WikiText, learn the tokenizer from the train split (unless one is given) and tokenize
-    every split; with a cache_dir, each is computed once and read back from there after.
-    Returns (tokenizer, {split: Corpus})."""
-    t0 = time.time()
-    text = functools.cache(lambda: load_wikitext(args.dataset_config, args.data_dir, splits))  # read on a cache miss
-    if tokenizer is None:
-        key = cache_key(text_source(args, "train"), args.vocab_size, args.tokenizer_sample)
-        tokenizer = cached(cache_dir, f"tokenizer-{key}", log, build=lambda: learn_tokenizer(text()["train"], args),
-                           save=lambda tok, folder: (folder / "tokenizer.json").write_text(tok.to_str()),
-                           load=lambda folder: tokenizer_from_json((folder / "tokenizer.json").read_text()))
-    t1 = time.time()
-    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    corpora = {split: cached(cache_dir, f"{split}-{cache_key(text_source(args, split), tokenizer_hash)}", log,
-                             build=lambda: tokenize_corpus(iter_articles(text()[split]), tokenizer),
-                             save=save_corpus, load=load_corpus) for split in splits}
-    for split in splits:
-        c = corpora[split]
-        if len(c) == 0:
-            raise UserError(f"the {split} split has no sentences")
-        log(f"data: {split:10s} {c.article.max() + 1:6,} articles {len(c):8,} sentences "
-            f"{len(c.ids):10,} tokens ({(c.ids == UNK_ID).mean():.2%} [UNK])")
-    log(f"data: tokenizer ({tokenizer.get_vocab_size():,} tokens) {t1 - t0:.1f}s, tokenized splits "
-        f"{time.time() - t1:.1f}s" + (f" (cache: {cache_dir})" if cache_dir else ""))
-    return tokenizer, corpora
-
-
-def learn_tokenizer(lines, args):
-    """WordPiece learned from a sample of args.tokenizer_sample sentences of the train split (its
-    every sentence, in order, when it has no more): memory and time stay bounded on a large split.
-    The sample's seed is fixed: the vocabulary is part of the data, the same for every --seed."""
-    return train_tokenizer([sample_sentences(iter_articles(lines), args.tokenizer_sample)], args.vocab_size)
 
 
 # The cache: the tokenizer and the tokenized splits are computed once for each text and setting.
@@ -806,6 +781,35 @@ def load_corpus(folder):
     if len(corpus.offsets) != len(corpus) + 1 or corpus.offsets[-1] != len(corpus.ids):
         raise ValueError("its arrays disagree in length")
     return corpus
+
+
+# The data, end to end: WikiText's text -> the tokenizer -> the tokenized splits.
+
+def prepare_data(args, tokenizer=None, splits=SPLITS, log=print, cache_dir=None):
+    """Read WikiText, learn the tokenizer from the train split (unless one is given) and tokenize
+    every split; with a cache_dir, each is computed once and read back from there after.
+    Returns (tokenizer, {split: Corpus})."""
+    t0 = time.time()
+    text = functools.cache(lambda: load_wikitext(args.dataset_config, args.data_dir, splits))  # read on a cache miss
+    if tokenizer is None:
+        key = cache_key(text_source(args, "train"), args.vocab_size, args.tokenizer_sample)
+        tokenizer = cached(cache_dir, f"tokenizer-{key}", log, build=lambda: learn_tokenizer(text()["train"], args),
+                           save=lambda tok, folder: (folder / "tokenizer.json").write_text(tok.to_str()),
+                           load=lambda folder: tokenizer_from_json((folder / "tokenizer.json").read_text()))
+    t1 = time.time()
+    tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    corpora = {split: cached(cache_dir, f"{split}-{cache_key(text_source(args, split), tokenizer_hash)}", log,
+                             build=lambda: tokenize_corpus(iter_articles(text()[split]), tokenizer),
+                             save=save_corpus, load=load_corpus) for split in splits}
+    for split in splits:
+        c = corpora[split]
+        if len(c) == 0:
+            raise UserError(f"the {split} split has no sentences")
+        log(f"data: {split:10s} {c.article.max() + 1:6,} articles {len(c):8,} sentences "
+            f"{len(c.ids):10,} tokens ({(c.ids == UNK_ID).mean():.2%} [UNK])")
+    log(f"data: tokenizer ({tokenizer.get_vocab_size():,} tokens) {t1 - t0:.1f}s, tokenized splits "
+        f"{time.time() - t1:.1f}s" + (f" (cache: {cache_dir})" if cache_dir else ""))
+    return tokenizer, corpora
 
 
 # -----------------------------------------------------------------------------
@@ -1104,7 +1108,7 @@ class CudaGraphStep(TrainStep):
                     self.forward_backward(self.inputs[shape], 1.0, 1.0)
                     self.update()  # sets the gradients to None: each replay allocates them anew
             except RuntimeError as e:
-                tqdm_write(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); "
+                tqdm.write(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); "
                            "training on without CUDA graphs")
                 self.eager = True
                 self.optimizer.zero_grad(set_to_none=True)
@@ -1126,7 +1130,7 @@ class Processes:
 
     def print(self, msg):  # only the first process prints
         if self.rank == 0:
-            tqdm_write(msg)
+            tqdm.write(msg)
 
     def agree(self, flag):
         """Whether any process says so: all must take the same decision, or collectives deadlock."""
@@ -1299,8 +1303,9 @@ class Run:
         """Count the step; a log line every --log_every steps, before a save and at the end."""
         self.step, self.step_in_epoch = self.step + 1, self.step_in_epoch + 1
         for batch in micro_batches:
-            self.counts += batch_counts(batch)
-            self.epoch_tokens += batch_counts(batch)[2]
+            counts = batch_counts(batch)
+            self.counts += counts
+            self.epoch_tokens += counts[2]
         self.bar.update()
         if (self.step_in_epoch % self.args.log_every == 0 or self.save_due() or self.step == self.max_steps
                 or self.step_in_epoch == self.steps_per_epoch):
@@ -1355,8 +1360,9 @@ class Run:
             procs.print(f"{signal.Signals(signum).name}: stopping at step {self.step:,}")
             if self.saved_step != self.step:
                 self.save()
+            launcher = f"torchrun --nproc_per_node={procs.world_size}" if procs.ddp else "python"
             procs.print(f"checkpoint saved to {self.path}. Resume with: "
-                        f"python BERT_from_scratch.py --resume {self.path}")
+                        f"{launcher} BERT_from_scratch.py --resume {self.path}")
             if procs.ddp:
                 dist.destroy_process_group()
             return 128 + signum
@@ -1421,6 +1427,38 @@ def check_replicas(model, procs):
         raise UserError("the model replicas diverged across processes")
 
 
+def peak_memory_gib():
+    """Peak resident memory of this process in GiB (VmHWM: unlike ru_maxrss, it does not carry
+    over the high-water mark of the process that started us)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def check_output_path(path, resuming_from, overwrite):
+    """Fail before training, not after an hour: the checkpoint path must be writable, and a run
+    never replaces a model file it did not create (unless --overwrite, or resuming that file)."""
+    if path.is_dir():
+        raise UserError(f"--checkpoint {path} is a directory; give a file name such as {path / 'bert.pt'}")
+    if path.exists() and not overwrite and not (resuming_from and Path(resuming_from).resolve() == path.resolve()):
+        raise UserError(f"{path} already exists; choose another --checkpoint, pass --overwrite to "
+                        f"replace it, or --resume {path} to continue it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the checkpoint {path}: {e}") from None
+
+
+def tqdm_bar(**kwargs):
+    return tqdm(dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
 # The training loop ----------------------------------------------------------------------
 
 
@@ -1452,45 +1490,6 @@ def train(args):
         if run.stopping:
             break
     return run.finish(test_set)  # the test split and the last checkpoint, or the resume command
-
-
-def peak_memory_gib():
-
-    """Peak resident memory of this process in GiB (VmHWM: unlike ru_maxrss, it does not carry
-    over the high-water mark of the process that started us)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2 ** 20
-    except (OSError, StopIteration):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
-def check_output_path(path, resuming_from, overwrite):
-    """Fail before training, not after an hour: the checkpoint path must be writable, and a run
-    never replaces a model file it did not create (unless --overwrite, or resuming that file)."""
-    if path.is_dir():
-        raise UserError(f"--checkpoint {path} is a directory; give a file name such as {path / 'bert.pt'}")
-    if path.exists() and not overwrite and not (resuming_from and Path(resuming_from).resolve() == path.resolve()):
-        raise UserError(f"{path} already exists; choose another --checkpoint, pass --overwrite to "
-                        f"replace it, or --resume {path} to continue it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe{os.getpid()}")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the checkpoint {path}: {e}") from None
-
-
-def tqdm_bar(**kwargs):
-    from tqdm import tqdm
-    return tqdm(dynamic_ncols=True, mininterval=1.0, **kwargs)
-
-
-def tqdm_write(msg, **kwargs):
-    from tqdm import tqdm
-    tqdm.write(msg, **kwargs)
 
 
 # -----------------------------------------------------------------------------
