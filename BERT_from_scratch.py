@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -939,11 +939,25 @@ def read_checkpoint(path):
 def load_checkpoint(path, device="cpu"):
     """(model, tokenizer) from a checkpoint file, the model in eval mode on `device`."""
     ckpt = read_checkpoint(path)
-    model = BertForPreTraining(BertConfig(**ckpt["config"]))
-    # Released checkpoints may store half-precision weights: copying them into the fp32
-    # parameters restores fp32.
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), tokenizer_from_json(ckpt["tokenizer"])
+    with parts_of_checkpoint(path):
+        model = BertForPreTraining(BertConfig(**ckpt["config"]))
+        # Released checkpoints may store half-precision weights: copying them into the fp32
+        # parameters restores fp32.
+        model.load_state_dict(ckpt["model"])
+        tokenizer = tokenizer_from_json(ckpt["tokenizer"])
+    return model.to(device).eval(), tokenizer
+
+
+@contextmanager
+def parts_of_checkpoint(path):
+    """A checkpoint's config, weights and tokenizer that do not fit together: one UserError."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # (a KeyError, a size mismatch, a tokenizer that does not parse...)
+        raise UserError(f"{path} is damaged: its config, weights and tokenizer do not fit together "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
 
 
 def git_commit():

@@ -3,10 +3,12 @@ Fine-tune a BERT checkpoint of this project on one GLUE task and report the dev-
 Devlin et al. 2018, section 4.1: the pooled [CLS] vector (tanh pooler), dropout, one linear layer;
 every weight trained, cross-entropy loss (mean squared error for the STS-B regression).
 
-    python finetune_glue.py --task rte --data_dir ../shared/data/glue          # shipped BERT-Mini
-    python finetune_glue.py --task rte --data_dir ../shared/data/glue --random_init   # the baseline
+    python finetune_glue.py --task rte                       # the shipped BERT-Mini, GLUE from the hub
+    python finetune_glue.py --task rte --random_init         # the baseline: no pretraining
     python finetune_glue.py --task stsb --checkpoint checkpoints/bert_mini.pt --lr 3e-4 --json
-    python benchmarks/glue_runs.py --data_dir ../shared/data/glue              # the results table
+    python benchmarks/glue_runs.py --table_only              # the README's table (the grid: benchmarks/README.md)
+
+It runs on the CPU (a fine-tuning run of BERT-Mini takes minutes there).
 
 The model is this project's own BertForPreTraining with its MLM and NSP heads dropped and a
 classifier added: the fine-tuned encoder and pooler are exactly the pretrained modules, loaded
@@ -55,7 +57,7 @@ class Task:
 
 
 TASKS = {
-    # SST-2 is 8 to 20 times larger than the others: one epoch is 2,105 steps of 32.
+    # SST-2 is 8 to 27 times larger than the others: one epoch is 2,105 steps of 32.
     "sst2": Task("SST-2", (0,), 1, True, ("sentence",), 2, "accuracy", epochs=1),
     "mrpc": Task("MRPC", (3, 4), 0, True, ("sentence1", "sentence2"), 2, "mean(f1, accuracy)"),
     "rte": Task("RTE", (1, 2), 3, True, ("sentence1", "sentence2"), 2, "accuracy"),
@@ -158,8 +160,9 @@ def encode(texts, labels, tokenizer, max_seq_len, regression):
 
 def collate(examples, idx):
     """A batch dict of the examples idx, padded to the longest one. (Fine-tuning runs eagerly, so
-    the fixed shapes of pretraining would buy nothing: on SST-2, rounding lengths up to a multiple
-    of 8 padded 22% of the tokens instead of 5%, and training took 15-25% longer.)"""
+    the fixed shapes of pretraining would buy nothing: on SST-2, lengths rounded up to a multiple
+    of 8 padded 28% of the tokens instead of 4.5%, and steps took 256-278 ms instead of 200-229 ms;
+    benchmarks/README.md, "Batches".)"""
     T = int(examples.lengths[idx].max())
     input_ids, token_type_ids, attention_mask = (np.zeros((len(idx), T), np.int64) for _ in range(3))
     for row, i in enumerate(idx):
@@ -334,14 +337,15 @@ def run(args):
     t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
-    max_positions = ckpt["config"]["max_position_embeddings"]
-    if args.max_seq_len > max_positions:
-        raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the checkpoint's {max_positions} positions")
-    tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
+    with bert.parts_of_checkpoint(args.checkpoint):  # damaged: a UserError too
+        max_positions = ckpt["config"]["max_position_embeddings"]
+        if args.max_seq_len > max_positions:
+            raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the checkpoint's {max_positions} positions")
+        tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
+        model = build_model(ckpt, task.num_labels, args.random_init, args.seed)
     data = load_task(args.task, args.data_dir)
     train_set, dev_set = (encode(*data[split], tokenizer, args.max_seq_len, task.num_labels == 1)
                           for split in ("train", "dev"))
-    model = build_model(ckpt, task.num_labels, args.random_init, args.seed)
     steps = finetune(model, train_set, args)
     score, metrics = glue_metrics(task, predict(model, dev_set), dev_set.labels)
     settings = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "seed", "max_seq_len", "warmup",
@@ -363,17 +367,19 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, choices=list(TASKS))
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the pretrained model")
     p.add_argument("--data_dir", default=None,
-                   help="GLUE's task folders (e.g. ../shared/data/glue) instead of the hub")
+                   help="GLUE's task folders (SST-2/, MRPC/, ... with train.tsv, dev.tsv) instead of the hub")
     p.add_argument("--random_init", action="store_true",
                    help="train from a fresh init (the checkpoint gives only the tokenizer and config)")
-    p.add_argument("--seed", type=int, default=0, help="classifier init, dropout, batch order")
-    # the defaults are those of Google's BERT miniatures (batch 32, 3 epochs; lr 1e-4 from their grid)
+    p.add_argument("--seed", type=int, default=0,
+                   help="classifier init (with --random_init: every weight), dropout, batch order")
+    # batch 32 and 3 epochs as in Devlin et al. 4.1 (SST-2: 1, benchmarks/README.md); lr 1e-4 from the
+    # grid Google searched for its BERT miniatures
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=None, help="default: 3, and 1 for SST-2")
+    p.add_argument("--epochs", type=int, default=None, help="if not given: 3, and 1 for SST-2")
     p.add_argument("--max_seq_len", type=int, default=128, help="tokens per example, specials included")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (if not given: torch's default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     if args.epochs is None:
@@ -390,14 +396,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)  # argparse prints its one-line error and exits with status 2
+    args = parse_args(argv)  # a bad flag: argparse prints one line and exits with status 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         result = run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)
     if args.json:
         print(json.dumps(result))
         return

@@ -5,7 +5,7 @@ Predictions from a BERT checkpoint trained by BERT_from_scratch.py: masked-token
     python test_mini_bert.py                                   # a short demo
     python test_mini_bert.py --text "the [MASK] of the city"   # top-k for every [MASK]
     python test_mini_bert.py --sentence_a "..." --sentence_b "..."
-    python test_mini_bert.py --eval --data_dir ../shared/data/wikitext-2-v1
+    python test_mini_bert.py --eval --data_dir DIR             # test-split scores (DIR: WikiText's .txt files)
     python test_mini_bert.py --export_hf bert-mini-hf          # a folder transformers loads
 
 Without --checkpoint it loads your newest training output under checkpoints/, or else the
@@ -173,7 +173,10 @@ def to_transformers(model):
 def export_hf(model, tokenizer, out_dir):
     """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
     with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise bert.UserError("--export_hf needs transformers: pip install transformers") from None
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")

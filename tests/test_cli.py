@@ -308,8 +308,13 @@ def test_bad_checkpoints_for_predictions(tmp_path, trained):
     truncated.write_bytes(trained.read_bytes()[:1000])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
+    mismatched, garbled = tmp_path / "mismatched.pt", tmp_path / "garbled.pt"
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "hidden_size": 2 * ckpt["config"]["hidden_size"]}}, mismatched)
+    torch.save({**ckpt, "tokenizer": "{not json"}, garbled)
     for path, message in [(tmp_path / "missing.pt", "does not exist"), (truncated, "not a readable checkpoint"),
-                          (foreign, "not a checkpoint of BERT_from_scratch.py")]:
+                          (foreign, "not a checkpoint of BERT_from_scratch.py"),
+                          (mismatched, "do not fit together"), (garbled, "do not fit together")]:
         result = run_script("test_mini_bert.py", "--checkpoint", path)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 

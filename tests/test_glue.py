@@ -191,11 +191,12 @@ def test_human_summary(capsys, checkpoint, glue_dir):
 
 # Bad input: one line on stderr, exit status 2, no traceback -----------------------------------
 
-def error_of(capsys, *argv):
+def error_of(capsys, *argv, code=2):
+    """The one-line error of a run that must fail: status 2 for a bad flag, 1 for bad input."""
     with pytest.raises(SystemExit) as info:
         glue.main(list(argv))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
+    assert info.value.code == code and "Traceback" not in err
     return err.strip().splitlines()[-1]
 
 
@@ -205,19 +206,26 @@ def test_errors(capsys, checkpoint, glue_dir, tmp_path):
     assert "--lr must be positive" in error_of(capsys, "--task", "rte", "--lr", "0", *ok)
     assert "--warmup" in error_of(capsys, "--task", "rte", "--warmup", "1", *ok)
     line = error_of(capsys, "--task", "rte", "--checkpoint", str(checkpoint), "--max_seq_len", "32",
-                    "--data_dir", str(tmp_path / "none"))
+                    "--data_dir", str(tmp_path / "none"), code=1)
     assert line.startswith("error: ") and str(tmp_path / "none" / "RTE" / "train.tsv") in line
     assert "does not exist" in error_of(capsys, "--task", "rte", "--data_dir", str(glue_dir),
-                                        "--checkpoint", str(tmp_path / "missing.pt"))
+                                        "--checkpoint", str(tmp_path / "missing.pt"), code=1)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     assert "not a checkpoint of BERT_from_scratch.py" in error_of(
-        capsys, "--task", "rte", "--data_dir", str(glue_dir), "--checkpoint", str(foreign))
-    assert "exceeds the checkpoint's 64 positions" in error_of(capsys, "--task", "rte", *ok, "--max_seq_len", "128")
+        capsys, "--task", "rte", "--data_dir", str(glue_dir), "--checkpoint", str(foreign), code=1)
+    assert "exceeds the checkpoint's 64 positions" in error_of(capsys, "--task", "rte", *ok, "--max_seq_len", "128",
+                                                               code=1)
+    mismatched = tmp_path / "mismatched.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["hidden_size"] *= 2  # weights of the other size
+    torch.save(ckpt, mismatched)
+    assert "do not fit together" in error_of(capsys, "--task", "rte", "--data_dir", str(glue_dir),
+                                             "--checkpoint", str(mismatched), "--max_seq_len", "32", code=1)
     broken = write_glue(tmp_path / "broken", n=3)
     (broken / "CoLA" / "dev.tsv").write_text("gj04\tmaybe\t\tA sentence .\n")
     line = error_of(capsys, "--task", "cola", "--checkpoint", str(checkpoint), "--max_seq_len", "32",
-                    "--data_dir", str(broken))
+                    "--data_dir", str(broken), code=1)
     assert "CoLA/dev.tsv, line 1" in line
 
 
