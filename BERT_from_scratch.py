@@ -1515,11 +1515,20 @@ def train(args):
 CPU_PAD_MULTIPLE = 8
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default, except None and False (a flag left out)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Pretrain a mini BERT (MLM + NSP) on WikiText-2.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     # hardware
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast precision; auto = bf16 where the CPU/GPU has it, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (once per batch shape)")
@@ -1529,35 +1538,40 @@ def build_parser():
                    help="DataLoader worker processes that build and mask batches (0: the training process "
                         "builds each in well under a millisecond, faster than a worker hands it over)")
     # model
-    p.add_argument("--model_size", choices=list(PRESETS), default="mini")
-    p.add_argument("--vocab_size", type=int, default=BertConfig.vocab_size)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--model_size", choices=list(PRESETS), default="mini", help="one of Google's BERT miniatures: "
+                   + ", ".join(f"{name} L={L} H={H} A={A}" for name, (L, H, A) in PRESETS.items()))
+    p.add_argument("--vocab_size", type=int, default=BertConfig.vocab_size,
+                   help="WordPiece vocabulary, specials included")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="on embeddings, residual branches and attention weights")
     # data
-    p.add_argument("--dataset_config", default="wikitext-2-v1",
+    p.add_argument("--dataset_config", default="wikitext-2-v1", help="the WikiText variant",
                    choices=["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"])
     p.add_argument("--data_dir", default=None,
                    help="local folder with train.txt, validation.txt, test.txt instead of the hub")
     p.add_argument("--tokenizer_sample", type=int, default=TOKENIZER_SAMPLE,
                    help="learn the vocabulary from a random sample of this many train sentences (all if fewer)")
     p.add_argument("--cache_dir", default=None,
-                   help="where the tokenizer and tokenized splits are cached (default $XDG_CACHE_HOME/bert-from-scratch "
-                   "or ~/.cache/bert-from-scratch)")
-    p.add_argument("--no_cache", action="store_true", help="prepare the data afresh, without reading or writing the cache")
-    p.add_argument("--max_seq_len", type=int, default=128)
+                   help="where the tokenizer and tokenized splits are cached (if not given: "
+                        "$XDG_CACHE_HOME/bert-from-scratch or ~/.cache/bert-from-scratch)")
+    p.add_argument("--no_cache", action="store_true",
+                   help="prepare the data afresh, without reading or writing the cache")
+    p.add_argument("--max_seq_len", type=int, default=128, help="tokens per pair, [CLS] and both [SEP] included")
     p.add_argument("--pad_multiple", type=int, default=None,
-                   help=f"pad batches to a multiple of this length (default: 16 on CUDA, {CPU_PAD_MULTIPLE} on CPU)")
-    p.add_argument("--mask_prob", type=float, default=0.15)
+                   help=f"pad batches to a multiple of this length (if not given: 16 on CUDA, "
+                        f"{CPU_PAD_MULTIPLE} on CPU)")
+    p.add_argument("--mask_prob", type=float, default=0.15, help="fraction of each pair's tokens chosen for MLM")
     # optimization
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training pairs (negatives drawn afresh)")
     p.add_argument("--batch_size", type=int, default=16, help="pairs per process per micro-batch")
-    p.add_argument("--grad_accum_steps", type=int, default=1)
+    p.add_argument("--grad_accum_steps", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (measured best for batch 16)")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
     p.add_argument("--max_steps", type=int, default=None,
                    help="stop after this many optimizer steps (counted from the start of training)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="the model's init, the pairs, masks and dropout")
     # output
-    p.add_argument("--checkpoint", default=None, help="where to save (default checkpoints/bert_<size>.pt)")
+    p.add_argument("--checkpoint", default=None, help="where to save (if not given: checkpoints/bert_<size>.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint file")
     p.add_argument("--resume", default=None, help="continue training from this checkpoint")
     p.add_argument("--save_every", type=int, default=0, help="also save every N steps (0: epoch ends)")

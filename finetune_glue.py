@@ -363,8 +363,8 @@ def run(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, choices=list(TASKS))
+                                formatter_class=bert.HelpFormatter)
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the GLUE task")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the pretrained model")
     p.add_argument("--data_dir", default=None,
                    help="GLUE's task folders (SST-2/, MRPC/, ... with train.tsv, dev.tsv) instead of the hub")
@@ -375,8 +375,8 @@ def parse_args(argv=None):
     # batch 32 and 3 epochs as in Devlin et al. 4.1 (SST-2: 1, benchmarks/README.md); lr 1e-4 from the
     # grid Google searched for its BERT miniatures
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=None, help="if not given: 3, and 1 for SST-2")
+    p.add_argument("--batch_size", type=int, default=32, help="examples per step")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (if not given: 3; SST-2: 1)")
     p.add_argument("--max_seq_len", type=int, default=128, help="tokens per example, specials included")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (if not given: torch's default)")

@@ -211,12 +211,13 @@ def export_release(ckpt, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Predictions from a BERT_from_scratch.py checkpoint.")
+    p = argparse.ArgumentParser(description="Predictions from a BERT_from_scratch.py checkpoint.",
+                                formatter_class=bert.HelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="default: your newest checkpoints/*.pt, else the shipped pretrained model")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     p.add_argument("--text", help='a sentence with one or more [MASK], e.g. "the [MASK] of the city"')
-    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--top_k", type=int, default=5, help="predictions shown per [MASK]")
     p.add_argument("--sentence_a", help="first sentence of an NSP query")
     p.add_argument("--sentence_b", help="second sentence of an NSP query")
     p.add_argument("--eval", action="store_true", help="MLM and NSP scores on the test split")

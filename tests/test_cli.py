@@ -243,6 +243,16 @@ def test_bad_training_flags(flags, code, message, tiny_data_dir, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_help_explains_every_flag_and_shows_its_default():
+    parser = bert.build_parser()
+    for action in parser._actions[1:]:  # (after --help)
+        assert action.help, f"--{action.dest} has no help"
+        shown = parser.formatter_class("prog")._get_help_string(action)
+        has_default = action.default is not None and action.default is not False  # (0 is a default)
+        assert ("(default: %(default)s)" in shown) == has_default, action.dest
+    assert "passes over the training pairs (negatives drawn afresh) (default: 2)" in " ".join(parser.format_help().split())
+
+
 def test_cuda_requested_without_cuda(tiny_data_dir):
     for script in ("BERT_from_scratch.py", "test_mini_bert.py"):
         result = run_script(script, "--device", "cuda")
