@@ -285,7 +285,8 @@ def run(args):
         data_args = argparse.Namespace(
             dataset_config=args.dataset_config or train_args.get("dataset_config", "wikitext-2-v1"),
             data_dir=args.data_dir, vocab_size=None)
-        _, corpora = bert.prepare_data(data_args, tokenizer, splits=("train", "test"), log=say)
+        _, corpora = bert.prepare_data(data_args, tokenizer, splits=("train", "test"), log=say,
+                                       cache_dir=bert.default_cache_dir())  # training's tokenized splits
         dataset = bert.eval_batches(corpora["test"], max_seq_len, train_args.get("mask_prob", 0.15),
                                     tokenizer.get_vocab_size())
         dtype = bert.resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
