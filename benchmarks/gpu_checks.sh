@@ -7,18 +7,20 @@
 #      the base preset in bf16 and its MFU;
 #   3. the seed command exactly as a user types it, with its wall time.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR [DATA_ROOT] [BENCH_LIMIT_S] [SEED_LIMIT_S]
+#   bash benchmarks/gpu_checks.sh OUT_DIR [DATA_ROOT] [BENCH_LIMIT_S] [SEED_LIMIT_S] [TESTS_LIMIT_S]
 #
 # DATA_ROOT holds wikitext-2-v1/ (train.txt, validation.txt, test.txt) and, for the seed command
 # without network, a prepared `datasets` cache in hf-cache/ (default ../shared/data); without that
 # cache or the datasets package, the seed command reads the same text with --data_dir. Each stage
-# has a time limit (defaults: 600 s each), so one failing stage cannot starve the others.
+# has a time limit (defaults: 600 s for the benchmarks, 600 s for the seed command, 300 s for the
+# tests), so one failing stage cannot starve the others.
 # Everything is logged to OUT_DIR; nothing is written under checkpoints/.
 set -uo pipefail
-OUT=${1:?usage: gpu_checks.sh OUT_DIR [DATA_ROOT] [BENCH_LIMIT_S] [SEED_LIMIT_S]}
+OUT=${1:?usage: gpu_checks.sh OUT_DIR [DATA_ROOT] [BENCH_LIMIT_S] [SEED_LIMIT_S] [TESTS_LIMIT_S]}
 DATA_ROOT=$(realpath "${2:-../shared/data}")
 BENCH_LIMIT=${3:-600}
 SEED_LIMIT=${4:-600}
+TESTS_LIMIT=${5:-300}
 REPO=$PWD
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,7 +31,7 @@ log() { tr '\r' '\n' | grep --line-buffered -v 'it/s\]$' | tee -a "$1"; }
 } 2>&1 | tee "$OUT/machine.txt"
 
 echo "== 1. CUDA tests" | tee "$OUT/tests.txt"
-timeout 300 python -m pytest -q tests/test_cuda.py 2>&1 | log "$OUT/tests.txt"
+timeout "$TESTS_LIMIT" python -m pytest -q tests/test_cuda.py 2>&1 | log "$OUT/tests.txt"
 
 echo "== 2. bench_train.py" | tee "$OUT/bench.txt"
 start=$(date +%s)
