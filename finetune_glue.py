@@ -120,8 +120,8 @@ def load_task(name, data_dir):
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"could not load nyu-mll/glue '{name}' from the HuggingFace hub ({type(e).__name__}: "
-                        f"{message}); without network, pass --data_dir DIR with GLUE's task folders, "
-                        "e.g. --data_dir ../shared/data/glue") from None
+                        f"{message}); without network, pass --data_dir DIR with GLUE's task folders "
+                        "(SST-2/, MRPC/, RTE/, CoLA/, STS-B/)") from None
 
 
 @dataclass

@@ -11,7 +11,7 @@ transformers' BertForPreTraining fed by the usual recipe.
   Trainer does. A full epoch of it takes hours on a CPU, so it is timed over --hf_steps steps
   after warm-up and extrapolated to the epoch's number of steps.
 
-    python benchmarks/bench_epoch.py --data_dir ../shared/data/wikitext-2-v1 --batch_size 16
+    python benchmarks/bench_epoch.py --data_dir DATA --batch_size 16
 """
 
 import argparse

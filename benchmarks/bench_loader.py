@@ -4,7 +4,7 @@ masked and padded to their static shapes, in this process and through the DataLo
 processes (what training uses). A step on a large GPU takes about a millisecond, so the loader
 must deliver well over a thousand batches a second.
 
-    python benchmarks/bench_loader.py --data_dir ../shared/data/wikitext-2-v1
+    python benchmarks/bench_loader.py --data_dir DATA
 """
 
 import argparse

@@ -4,7 +4,7 @@ metrics log, and resident memory sampled every second (its peak, and how it move
 Several configurations alternate round by round, so that they share the machine's state.
 
     # the release recipe's first 600 steps, validation and test, at two padding multiples
-    python benchmarks/bench_run.py --data_dir ../shared/data/wikitext-2-v1 --rounds 2 \\
+    python benchmarks/bench_run.py --data_dir DATA --rounds 2 \\
         --run pad16="--pad_multiple 16" --run pad8="--pad_multiple 8" \\
         -- --epochs 8 --batch_size 32 --lr 7e-4 --max_steps 600
 

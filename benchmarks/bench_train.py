@@ -11,7 +11,7 @@ after warm-up. Prints tokens/s (real tokens, padding excluded), the ratio of eac
 model FLOPs per token, MFU against a matmul measured in the same run, and peak memory.
 
     python benchmarks/bench_train.py                                  # CPU: mini, vocab 30522, 32 x 128 synthetic
-    python benchmarks/bench_train.py --data_dir ../shared/data/wikitext-2-v1 --batch_size 16
+    python benchmarks/bench_train.py --data_dir DATA --batch_size 16
     python benchmarks/bench_train.py --device cuda --modes fp32 bf16 --variants eager compile graphs compile+graphs
     python benchmarks/bench_train.py --device cuda --model_size base --modes bf16 --sides ours --variants graphs
 """

@@ -4,12 +4,12 @@ finetune_glue.py over a grid, one subprocess per run, appends each result as a J
 benchmarks/glue_results.jsonl (a run already there is skipped, so an interrupted grid resumes),
 then prints a markdown table.
 
-    python benchmarks/glue_runs.py --data_dir ../shared/data/glue                # the whole grid
-    python benchmarks/glue_runs.py --data_dir ../shared/data/glue --tasks rte --seeds 0
-    python benchmarks/glue_runs.py --table_only                                  # the table only
-    python benchmarks/glue_runs.py --data_dir ../shared/data/glue --checkpoint checkpoints/bert_mini.pt \
+    python benchmarks/glue_runs.py --data_dir GLUE          # the whole grid (GLUE: the task folders)
+    python benchmarks/glue_runs.py --data_dir GLUE --tasks rte --seeds 0
+    python benchmarks/glue_runs.py --table_only             # the table only
+    python benchmarks/glue_runs.py --data_dir GLUE --checkpoint checkpoints/bert_mini.pt \
         --inits shipped --label "seed command" --results benchmarks/glue_results_seed_command.jsonl
-    python benchmarks/glue_runs.py --data_dir ../shared/data/glue --inits shipped --lrs 1e-4 --seeds 0 \
+    python benchmarks/glue_runs.py --data_dir GLUE --inits shipped --lrs 1e-4 --seeds 0 \
         --jobs 2 --threads 1 --results /tmp/timing.jsonl       # the five tasks' wall time on 2 cores
 
 The grid, per task and init: every --lrs at seed 0; then the other --seeds at the lr with the best

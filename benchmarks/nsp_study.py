@@ -10,7 +10,7 @@ fixed-seed MLM masks), broken down
   unseen text.
 
     python benchmarks/nsp_study.py --checkpoint checkpoints/bert-mini-wikitext2.pt \
-        --data_dir ../shared/data/wikitext-2-v1
+        --data_dir DATA
 """
 
 import argparse

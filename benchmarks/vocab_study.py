@@ -7,7 +7,7 @@ what the choice costs and buys, all measured on the data:
 - the share of the mini model's parameters in the embedding matrix,
 - unknown pieces ([UNK] other than WikiText's own <unk>) in the test split.
 
-    python benchmarks/vocab_study.py --data_dir ../shared/data/wikitext-2-v1
+    python benchmarks/vocab_study.py --data_dir DATA
 """
 
 import argparse
