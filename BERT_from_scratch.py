@@ -11,7 +11,14 @@ are the WikiText-2 download (HF `datasets`) and the WordPiece trainer (HF `token
     torchrun --nproc_per_node=2 BERT_from_scratch.py --batch_size 16        # data parallel
     python test_mini_bert.py                                                # predictions from the checkpoint
 
-The file reads top to bottom: config, model, data, training, command line.
+The file reads top to bottom; where each idea of the paper lives:
+    config     BertConfig, PRESETS (Google's miniatures)
+    model      BertForPreTraining: BertEmbeddings, EncoderLayer (SelfAttention + feed-forward), MLMHead,
+               the NSP head, and forward() with the two losses summed
+    data       iter_articles (sentences), train_tokenizer (WordPiece), build_pairs (NSP pairs),
+               mask_tokens (MLM's 15% and 80/10/10), PretrainingBatches ([CLS] A [SEP] B [SEP], segments)
+    training   lr_at (warmup, decay), TrainStep (one optimizer step), evaluate, Run (logs, checkpoints), train()
+    command    build_parser, parse_args, main
 """
 
 import argparse
