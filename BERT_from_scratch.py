@@ -275,6 +275,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, in 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 N_SPECIAL = len(SPECIAL_TOKENS)  # every id >= N_SPECIAL is an ordinary WordPiece token
 SPLITS = ("train", "validation", "test")
+DATASET_CONFIGS = ["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"]  # Salesforce/wikitext
 EVAL_SEED = 1234  # evaluation pairs and masks never change, so runs compare
 TOKENIZER_SAMPLE = 250_000  # the vocabulary is learned from at most this many sentences (benchmarks/README.md)
 
@@ -1552,8 +1553,7 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.1,
                    help="on embeddings, residual branches and attention weights")
     # data
-    p.add_argument("--dataset_config", default="wikitext-2-v1", help="the WikiText variant",
-                   choices=["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"])
+    p.add_argument("--dataset_config", default="wikitext-2-v1", choices=DATASET_CONFIGS, help="the WikiText variant")
     p.add_argument("--data_dir", default=None,
                    help="local folder with train.txt, validation.txt, test.txt instead of the hub")
     p.add_argument("--tokenizer_sample", type=int, default=TOKENIZER_SAMPLE,

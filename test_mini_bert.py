@@ -221,7 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--sentence_a", help="first sentence of an NSP query")
     p.add_argument("--sentence_b", help="second sentence of an NSP query")
     p.add_argument("--eval", action="store_true", help="MLM and NSP scores on the test split")
-    p.add_argument("--dataset_config", default=None, help="for --eval (default: as in training)")
+    p.add_argument("--dataset_config", default=None, choices=bert.DATASET_CONFIGS,
+                   help="for --eval (if not given: as in training)")
     p.add_argument("--data_dir", default=None, help="for --eval: a local WikiText copy")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--export_hf", metavar="DIR", help="write a transformers model folder")
@@ -229,6 +230,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.top_k <= 0:
         p.error(f"--top_k must be positive, got {args.top_k}")
+    if not args.eval and (args.data_dir or args.dataset_config):
+        p.error("--data_dir and --dataset_config go with --eval")
     if (args.sentence_a is None) != (args.sentence_b is None):
         p.error("--sentence_a and --sentence_b go together")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -335,6 +335,7 @@ def test_bad_checkpoints_for_predictions(tmp_path, trained):
     (["--sentence_a", "", "--sentence_b", "the river ."], 1, "must both be non-empty"),
     (["--sentence_a", "only one"], 2, "go together"),
     (["--top_k", "0", "--text", "a [MASK]"], 2, "--top_k must be positive"),
+    (["--data_dir", "somewhere"], 2, "go with --eval"),
 ])
 def test_bad_prediction_input(flags, code, message, trained):
     result = run_script("test_mini_bert.py", "--checkpoint", trained, *flags)
