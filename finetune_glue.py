@@ -341,6 +341,10 @@ def run(args):
         max_positions = ckpt["config"]["max_position_embeddings"]
         if args.max_seq_len > max_positions:
             raise UserError(f"--max_seq_len {args.max_seq_len} exceeds the checkpoint's {max_positions} positions")
+        pretrained_len = ckpt.get("args", {}).get("max_seq_len", max_positions)
+        if args.max_seq_len > pretrained_len and not args.random_init:
+            print(f"notice: the checkpoint was pretrained on pairs of at most {pretrained_len} tokens; "
+                  f"positions beyond that are untrained", file=sys.stderr)
         tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
         model = build_model(ckpt, task.num_labels, args.random_init, args.seed)
     data = load_task(args.task, args.data_dir)

@@ -189,7 +189,18 @@ def test_human_summary(capsys, checkpoint, glue_dir):
     assert out.startswith("cola (tiny.pt, lr 0.0001") and "matthews" in out and "12 dev examples" in out
 
 
-# Bad input: one line on stderr, exit status 2, no traceback -----------------------------------
+def test_longer_inputs_than_pretraining_get_a_notice(capsys, checkpoint, glue_dir, tmp_path):
+    short = tmp_path / "short.pt"
+    torch.save({**torch.load(checkpoint, weights_only=True), "args": {"max_seq_len": 16}}, short)
+    glue.main(["--checkpoint", str(short), "--data_dir", str(glue_dir), "--task", "rte", "--epochs", "1",
+               "--max_seq_len", "32", "--threads", "1"])
+    assert "pretrained on pairs of at most 16 tokens" in capsys.readouterr().err
+    glue.main(["--checkpoint", str(short), "--data_dir", str(glue_dir), "--task", "rte", "--epochs", "1",
+               "--max_seq_len", "16", "--threads", "1"])
+    assert "notice" not in capsys.readouterr().err
+
+
+# Bad input: one line on stderr, exit status 1 (2 for a bad flag), no traceback ------------------
 
 def error_of(capsys, *argv, code=2):
     """The one-line error of a run that must fail: status 2 for a bad flag, 1 for bad input."""
