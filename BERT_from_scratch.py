@@ -275,7 +275,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, in 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 N_SPECIAL = len(SPECIAL_TOKENS)  # every id >= N_SPECIAL is an ordinary WordPiece token
 SPLITS = ("train", "validation", "test")
-DATASET_CONFIGS = ["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"]  # Salesforce/wikitext
+DATASET_CONFIGS = ["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"]  # on the hub
 EVAL_SEED = 1234  # evaluation pairs and masks never change, so runs compare
 TOKENIZER_SAMPLE = 250_000  # the vocabulary is learned from at most this many sentences (benchmarks/README.md)
 
@@ -884,7 +884,7 @@ def evaluate(model, dataset, device, dtype, num_workers=0):
         positive = batch["nsp_labels"] == 0
         sums.append(torch.stack([x.double() for x in (
             out.mlm_loss * n_masked, (out.mlm_logits.argmax(-1) == targets).sum(), n_masked,
-            right.sum(), positive.sum(), (right & positive).sum(), torch.tensor(len(positive), device=device))]))
+            right.sum(), positive.sum(), (right & positive).sum(), torch.ones_like(positive).sum())]))
     model.train(was_training)
     loss_sum, mlm_right, n_masked, nsp_right, n_pos, pos_right, n_pairs = torch.stack(sums).sum(0).tolist()
     mlm_loss = loss_sum / max(n_masked, 1)
@@ -1392,8 +1392,10 @@ class Run:
         self.save()
         if procs.ddp:
             check_replicas(self.model, procs)
+        gpu = f", GPU {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if procs.device.type == "cuda" else ""
         procs.print(f"done: {self.step:,} steps in {time.time() - self.t_start:,.0f}s (evaluation included), "
-                    f"peak memory {peak_memory_gib():.2f} GiB; checkpoint {self.path}, metrics log {self.metrics_path}")
+                    f"peak memory {peak_memory_gib():.2f} GiB{gpu}; checkpoint {self.path}, "
+                    f"metrics log {self.metrics_path}")
         return 0
 
     def record(self, entry):
