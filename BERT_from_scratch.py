@@ -288,6 +288,9 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
     """The raw lines of each split, from a local copy (data_dir) or from the HuggingFace hub, as
     iterables read afresh on every pass: a split is never held in memory whole."""
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise UserError(f"--data_dir {data_dir} is not a folder (it should hold WikiText's train.txt, "
+                            "validation.txt and test.txt)")
         paths = {split: Path(data_dir) / f"{split}.txt" for split in splits}
         for path in paths.values():
             if not path.is_file():
@@ -296,7 +299,9 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
         return {split: TextFile(path) for split, path in paths.items()}
     try:
         import datasets  # imported here: only the hub path needs it
+        import huggingface_hub
         datasets.disable_progress_bars()
+        huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline
         ds = datasets.load_dataset("Salesforce/wikitext", dataset_config)
         return {split: ds[split]["text"] for split in splits}  # (datasets 4+ reads columns lazily)
     except Exception as e:
@@ -932,13 +937,13 @@ def read_checkpoint(path):
     """The checkpoint dict, checked; UserError for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist (train one with "
-                        "`python BERT_from_scratch.py`, or pass --checkpoint PATH)")
+        raise UserError(f"checkpoint {path} does not exist (train one with `python BERT_from_scratch.py`, "
+                        "or give the path of one)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a PyTorch file?): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch file: "
+                        f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a PyTorch file but not a checkpoint of BERT_from_scratch.py")
     return ckpt
@@ -1283,7 +1288,12 @@ class Run:
                     f"{args.batch_size} x {args.grad_accum_steps} accumulation x {procs.world_size} processes, "
                     f"peak lr {args.lr:g}, {self.warmup_steps:,} warmup steps, {procs.device.type}, "
                     f"{str(dtype)[6:]}" + (", CUDA graphs" if isinstance(step_fn, CudaGraphStep) else "")
-                    + (f", resuming at step {self.step:,}" if ckpt else ""))
+                    + (f", resuming at step {self.step:,}" if ckpt else "")
+                    + (f"; stopping at step {self.max_steps:,} (--max_steps)"
+                       if self.max_steps < self.total_steps else ""))
+        if ckpt and self.step >= self.max_steps:
+            procs.print(f"notice: the run is already at step {self.step:,}: pass a larger --max_steps "
+                        "to train on (this only evaluates and saves)")
 
     def resume_from(self, ckpt):
         state, procs = ckpt["train_state"], self.procs
@@ -1311,7 +1321,8 @@ class Run:
                     f"{time.time() - t0:.2f}s), padding {self.padding:.1%} of tokens")
         self.record({"kind": "epoch", "epoch": self.epoch, "step": self.step, "pairs": len(pairs),
                      "padding": self.padding})
-        self.bar = tqdm_bar(total=self.steps_per_epoch, initial=self.step_in_epoch,
+        self.bar = tqdm_bar(total=min(self.steps_per_epoch, self.step_in_epoch + self.max_steps - self.step),
+                            initial=self.step_in_epoch,
                             disable=procs.rank > 0, desc=f"epoch {self.epoch + 1}")
         self.t_epoch = self.t_log = time.time()
         self.epoch_tokens = 0
@@ -1577,7 +1588,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (measured best for batch 16)")
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
     p.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps (counted from the start of training)")
+                   help="stop after this many optimizer steps, counted from the start of training (the "
+                        "learning-rate schedule stays that of --epochs)")
     p.add_argument("--seed", type=int, default=42, help="the model's init, the pairs, masks and dropout")
     # output
     p.add_argument("--checkpoint", default=None, help="where to save (if not given: checkpoints/bert_<size>.pt)")
@@ -1653,6 +1665,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (inside it, a checkpoint is saved)
+        print("interrupted", file=sys.stderr)
+        code = 130
     sys.exit(code)
 
 

@@ -113,7 +113,9 @@ def load_task(name, data_dir):
                 for split in ("train", "dev")}
     try:
         import datasets  # imported here: only the hub path needs it
+        import huggingface_hub
         datasets.disable_progress_bars()
+        huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline
         ds = datasets.load_dataset("nyu-mll/glue", name)
         return {split: ([ds[hub_split][f] for f in task.hub_fields], list(ds[hub_split]["label"]))
                 for split, hub_split in (("train", "train"), ("dev", "validation"))}
@@ -366,7 +368,7 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task.",
+    p = argparse.ArgumentParser(description="Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task, on the CPU.",
                                 formatter_class=bert.HelpFormatter)
     p.add_argument("--task", required=True, choices=list(TASKS), help="the GLUE task")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the pretrained model")
@@ -408,12 +410,16 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     if args.json:
         print(json.dumps(result))
         return
     s = result["settings"]
     init = "random init" if s["random_init"] else Path(s["checkpoint"]).name
-    print(f"{args.task} ({init}, lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epochs, seed {s['seed']}): "
+    epochs = f"{s['epochs']} epoch{'s' * (s['epochs'] != 1)}"
+    print(f"{args.task} ({init}, lr {s['lr']:g}, batch {s['batch_size']}, {epochs}, seed {s['seed']}): "
           f"{result['metric']} {result['score']:.4f} on {result['dev_examples']:,} dev examples")
     print("  " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
           + f"  ({result['train_examples']:,} training examples, {result['seconds']:.0f}s)")

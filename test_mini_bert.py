@@ -248,7 +248,9 @@ def run(args):
     train_args = ckpt.get("args", {})
     max_seq_len = train_args.get("max_seq_len", 128)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    say(f"loaded {path} ({model.num_parameters():,} parameters, trained {ckpt.get('step', 0):,} steps)")
+    say(f"loaded {path} ({model.num_parameters():,} parameters, trained {ckpt.get('step', 0):,} steps)"
+        + ("" if args.checkpoint or path == SHIPPED_CHECKPOINT else
+           f"; the shipped model: --checkpoint {os.path.relpath(SHIPPED_CHECKPOINT)}"))
     predictor = Predictor(model, tokenizer, max_seq_len, device)
     result = {"checkpoint": str(path)}
 
@@ -316,6 +318,9 @@ def main(argv=None):
     except bert.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         sys.exit(1)

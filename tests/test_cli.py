@@ -42,6 +42,25 @@ def test_training_output(trained):
     assert ckpt["args"]["model_size"] == "tiny" and ckpt["config"]["hidden_size"] == 128
 
 
+def test_max_steps_is_announced_and_a_finished_run_says_how_to_go_on(trained, tmp_path):
+    copy = tmp_path / "copy.pt"
+    shutil.copy(trained, copy)
+    result = run_script("BERT_from_scratch.py", "--resume", copy, "--checkpoint", copy)  # its --max_steps 8 comes along
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "stopping at step 8 (--max_steps)" in output
+    assert "notice: the run is already at step 8: pass a larger --max_steps" in output
+
+
+def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys, tmp_path):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bert, "train", interrupted)
+    with pytest.raises(SystemExit) as info:
+        bert.main(["--device", "cpu", "--checkpoint", str(tmp_path / "x.pt")])
+    assert info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_fill_mask_json(trained):
     out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--top_k", "4",
                              "--text", "the castle was [MASK] near the [mask] ."))

@@ -2,7 +2,9 @@
 fine-tuning end to end on a tiny checkpoint, and one clear error line for every bad input."""
 
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import BERT_from_scratch as bert
 import finetune_glue as glue
 from conftest import REPO, WORDS, tiny_config
 
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 
 def sentence(rng, n=6):
