@@ -284,6 +284,21 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file): printed as one line, no traceback."""
 
 
+def error_line(e):
+    """An exception as one line for a UserError: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def load_from_hub(name, config):
+    """datasets.load_dataset, quietly: no progress bars, and no line per retry when offline."""
+    import datasets  # imported here: only the hub path needs it
+    import huggingface_hub
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    return datasets.load_dataset(name, config)
+
+
 def load_wikitext(dataset_config, data_dir, splits=SPLITS):
     """The raw lines of each split, from a local copy (data_dir) or from the HuggingFace hub, as
     iterables read afresh on every pass: a split is never held in memory whole."""
@@ -298,16 +313,12 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
                                 "train.txt, validation.txt and test.txt)")
         return {split: TextFile(path) for split, path in paths.items()}
     try:
-        import datasets  # imported here: only the hub path needs it
-        import huggingface_hub
-        datasets.disable_progress_bars()
-        huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline
-        ds = datasets.load_dataset("Salesforce/wikitext", dataset_config)
+        ds = load_from_hub("Salesforce/wikitext", dataset_config)
         return {split: ds[split]["text"] for split in splits}  # (datasets 4+ reads columns lazily)
     except Exception as e:
         raise UserError(
             f"could not load Salesforce/wikitext '{dataset_config}' from the HuggingFace hub or its "
-            f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without "
+            f"cache ({error_line(e)}). Without "
             "network, pass --data_dir DIR with train.txt/validation.txt/test.txt, or set "
             "HF_HUB_OFFLINE=1 with a prepared datasets cache in HF_HOME.") from None
 
@@ -970,7 +981,7 @@ def parts_of_checkpoint(path):
         raise
     except Exception as e:  # (a KeyError, a size mismatch, a tokenizer that does not parse...)
         raise UserError(f"{path} is damaged: its config, weights and tokenizer do not fit together "
-                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                        f"({error_line(e)})") from None
 
 
 def git_commit():

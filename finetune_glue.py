@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import BERT_from_scratch as bert
-from BERT_from_scratch import UserError
+from BERT_from_scratch import UserError, error_line
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "bert-mini-wikitext2.pt"
 
@@ -112,17 +112,12 @@ def load_task(name, data_dir):
         return {split: read_tsv(Path(data_dir) / task.folder / f"{split}.tsv", task)
                 for split in ("train", "dev")}
     try:
-        import datasets  # imported here: only the hub path needs it
-        import huggingface_hub
-        datasets.disable_progress_bars()
-        huggingface_hub.utils.logging.set_verbosity_error()  # no line per retry when offline
-        ds = datasets.load_dataset("nyu-mll/glue", name)
+        ds = bert.load_from_hub("nyu-mll/glue", name)
         return {split: ([ds[hub_split][f] for f in task.hub_fields], list(ds[hub_split]["label"]))
                 for split, hub_split in (("train", "train"), ("dev", "validation"))}
     except Exception as e:
-        message = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"could not load nyu-mll/glue '{name}' from the HuggingFace hub ({type(e).__name__}: "
-                        f"{message}); without network, pass --data_dir DIR with GLUE's task folders "
+        raise UserError(f"could not load nyu-mll/glue '{name}' from the HuggingFace hub ({error_line(e)}); "
+                        "without network, pass --data_dir DIR with GLUE's task folders "
                         "(SST-2/, MRPC/, RTE/, CoLA/, STS-B/)") from None
 
 
