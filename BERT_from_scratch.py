@@ -1556,9 +1556,18 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one line, not the usage block above it; --help has the rest."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Pretrain a mini BERT (MLM + NSP) on WikiText-2.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser("Pretrain a mini BERT (MLM + NSP) on WikiText-2.")
     # hardware
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

@@ -23,7 +23,6 @@ SciPy needed): accuracy (SST-2, RTE), F1 of class 1 and accuracy (MRPC), Matthew
 (CoLA), Pearson and Spearman correlation (STS-B).
 """
 
-import argparse
 import json
 import sys
 import time
@@ -363,8 +362,7 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task, on the CPU.",
-                                formatter_class=bert.HelpFormatter)
+    p = bert.ArgumentParser("Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task, on the CPU.")
     p.add_argument("--task", required=True, choices=list(TASKS), help="the GLUE task")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the pretrained model")
     p.add_argument("--data_dir", default=None,

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -172,25 +173,36 @@ def to_transformers(model):
 
 def export_hf(model, tokenizer, out_dir):
     """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
-    with a fast tokenizer: config.json, model.safetensors, tokenizer files."""
+    with a fast tokenizer: config.json, model.safetensors, tokenizer files. Written beside the
+    target and renamed into place, so it is never half written, and never into a folder with files."""
     try:
         import transformers
     except ImportError:
         raise bert.UserError("--export_hf needs transformers: pip install transformers") from None
+    transformers.utils.logging.disable_progress_bar()  # one file: no "Writing model shards" bar
 
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
         raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise bert.UserError(f"--export_hf {out_dir} already has files; remove it first or choose another folder")
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True)
+        to_transformers(model).save_pretrained(staging)
+        hf_tokenizer = transformers.BertTokenizerFast(
+            tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]", model_max_length=model.config.max_position_embeddings)
+        hf_tokenizer.save_pretrained(staging)
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])  # for slow BertTokenizer
+        (staging / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, checked above
+        staging.rename(out_dir)
     except OSError as e:
-        raise bert.UserError(f"cannot create {out_dir}: {e}") from None
-    to_transformers(model).save_pretrained(out_dir)
-    hf_tokenizer = transformers.BertTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=model.config.max_position_embeddings)
-    hf_tokenizer.save_pretrained(out_dir)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])  # for slow BertTokenizer
-    (Path(out_dir) / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        raise bert.UserError(f"cannot write {out_dir}: {e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_release(ckpt, path):
@@ -211,8 +223,7 @@ def export_release(ckpt, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Predictions from a BERT_from_scratch.py checkpoint.",
-                                formatter_class=bert.HelpFormatter)
+    p = bert.ArgumentParser("Predictions from a BERT_from_scratch.py checkpoint.")
     p.add_argument("--checkpoint", default=None,
                    help="default: your newest checkpoints/*.pt, else the shipped pretrained model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")

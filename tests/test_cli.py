@@ -158,6 +158,12 @@ def test_export_to_transformers_round_trip(trained, tmp_path):
     mine = ours_json["fill_mask"][0]["predictions"][0]
     assert [hf_tokenizer.convert_ids_to_tokens(r["token"]) for r in ranked] == [p["token"] for p in mine]
     assert [r["score"] for r in ranked] == pytest.approx([p["probability"] for p in mine], abs=1e-5)
+    # A second export into the same folder refuses and leaves the first untouched.
+    before = {f.name: f.stat().st_mtime_ns for f in out_dir.iterdir()}
+    again = run_script("test_mini_bert.py", "--checkpoint", trained, "--export_hf", out_dir)
+    assert again.returncode == 1 and "already has files" in again.stderr and "Traceback" not in again.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in out_dir.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
 def test_release_export_is_small_and_predicts_the_same(trained, tmp_path):
@@ -259,6 +265,8 @@ def test_bad_training_flags(flags, code, message, tiny_data_dir, tmp_path):
                         tmp_path / "x.pt", "--num_workers", "0", *flags)
     assert result.returncode == code and message in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.pt").exists()
+    if code == 2:  # a bad flag: one line, not argparse's usage block
+        assert result.stderr.count("\n") == 1 and "--help lists the flags" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -359,6 +367,7 @@ def test_bad_checkpoints_for_predictions(tmp_path, trained):
 def test_bad_prediction_input(flags, code, message, trained):
     result = run_script("test_mini_bert.py", "--checkpoint", trained, *flags)
     assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
+    assert code != 2 or result.stderr.count("\n") == 1
 
 
 # The real data --------------------------------------------------------------------------------
