@@ -1557,13 +1557,17 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """A bad flag is one line, not the usage block above it; --help has the rest."""
+    """A bad flag is one line, not the usage block above it: error() for what argparse finds
+    (an unknown flag, a bad choice), fail() for the checks made after parsing."""
 
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.fail(f"{message} (--help lists the flags)")
+
+    def fail(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser():
@@ -1641,7 +1645,7 @@ def parse_args(argv=None):
         saved = ckpt.get("args", {})
         for k in RESUME_FIXED:
             if k in given and k in saved and given[k] != saved[k]:
-                parser.error(f"--{k} {given[k]} differs from the resumed run's {saved[k]}; "
+                parser.fail(f"--{k} {given[k]} differs from the resumed run's {saved[k]}; "
                              "it cannot change when resuming")
         for k, v in saved.items():
             if k in vars(args) and k not in given and k not in ("resume", "overwrite"):
@@ -1668,14 +1672,14 @@ def parse_args(argv=None):
                ("epochs", "batch_size", "grad_accum_steps", "log_every", "pad_multiple")]
     for flag, ok, requirement in checks:
         if not ok:
-            parser.error(f"--{flag} {requirement}, got {getattr(args, flag)}")
+            parser.fail(f"--{flag} {requirement}, got {getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here (use --device cpu)")
+        parser.fail("--device cuda: CUDA is not available here (use --device cpu)")
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (fail now, not after the first epoch)
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+            parser.fail("--plot needs matplotlib: pip install matplotlib")
     return args
 
 

@@ -390,7 +390,7 @@ def parse_args(argv=None):
               ("threads", args.threads is None or args.threads > 0, "must be positive")]
     for flag, ok, requirement in checks:
         if not ok:
-            p.error(f"--{flag} {requirement}, got {getattr(args, flag)}")
+            p.fail(f"--{flag} {requirement}, got {getattr(args, flag)}")
     return args
 
 

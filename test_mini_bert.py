@@ -173,21 +173,23 @@ def to_transformers(model):
 
 def export_hf(model, tokenizer, out_dir):
     """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
-    with a fast tokenizer: config.json, model.safetensors, tokenizer files. Written beside the
-    target and renamed into place, so it is never half written, and never into a folder with files."""
+    with a fast tokenizer: config.json, model.safetensors, tokenizer files. Written into a staging
+    folder first and moved into place when complete; never into a folder that has files."""
     try:
         import transformers
     except ImportError:
         raise bert.UserError("--export_hf needs transformers: pip install transformers") from None
     transformers.utils.logging.disable_progress_bar()  # one file: no "Writing model shards" bar
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise bert.UserError(f"--export_hf {out_dir} already has files; remove it first or choose another folder")
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    target, staging = Path(os.path.abspath(out_dir)), None
     try:
+        if target.exists() and not target.is_dir():
+            raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")
+        if target.is_dir() and any(target.iterdir()):
+            raise bert.UserError(f"--export_hf {out_dir} already has files; remove them or choose another folder")
+        # A new folder is staged beside it and renamed; an existing empty one gets its files moved in.
+        staging = (target / f".partial-{os.getpid()}" if target.is_dir()
+                   else target.parent / f".{target.name}.partial-{os.getpid()}")
         staging.mkdir(parents=True)
         to_transformers(model).save_pretrained(staging)
         hf_tokenizer = transformers.BertTokenizerFast(
@@ -196,13 +198,17 @@ def export_hf(model, tokenizer, out_dir):
         hf_tokenizer.save_pretrained(staging)
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])  # for slow BertTokenizer
         (staging / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty, checked above
-        staging.rename(out_dir)
+        if staging.parent == target:
+            for f in list(staging.iterdir()):
+                f.rename(target / f.name)
+            staging.rmdir()
+        else:
+            staging.rename(target)
     except OSError as e:
         raise bert.UserError(f"cannot write {out_dir}: {e}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_release(ckpt, path):
@@ -240,13 +246,13 @@ def parse_args(argv=None):
     p.add_argument("--export_release", metavar="PATH", help="write a small release file (fp16 weights)")
     args = p.parse_args(argv)
     if args.top_k <= 0:
-        p.error(f"--top_k must be positive, got {args.top_k}")
+        p.fail(f"--top_k must be positive, got {args.top_k}")
     if not args.eval and (args.data_dir or args.dataset_config):
-        p.error("--data_dir and --dataset_config go with --eval")
+        p.fail("--data_dir and --dataset_config go with --eval")
     if (args.sentence_a is None) != (args.sentence_b is None):
-        p.error("--sentence_a and --sentence_b go together")
+        p.fail("--sentence_a and --sentence_b go together")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here (use --device cpu)")
+        p.fail("--device cuda: CUDA is not available here (use --device cpu)")
     return args
 
 
@@ -268,8 +274,9 @@ def run(args):
     if args.export_hf:
         export_hf(model, tokenizer, args.export_hf)
         result["export_hf"] = args.export_hf
-        say(f"wrote a transformers model to {args.export_hf}/ (BertForPreTraining.from_pretrained"
-            f"('{args.export_hf}'), pipeline('fill-mask', model='{args.export_hf}'))")
+        folder = str(Path(args.export_hf))
+        say(f"wrote a transformers model to {folder}/ (BertForPreTraining.from_pretrained"
+            f"('{folder}'), pipeline('fill-mask', model='{folder}'))")
 
     if args.export_release:
         export_release(ckpt, args.export_release)

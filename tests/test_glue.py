@@ -210,6 +210,7 @@ def error_of(capsys, *argv, code=2):
         glue.main(list(argv))
     err = capsys.readouterr().err
     assert info.value.code == code and "Traceback" not in err
+    assert code != 2 or err.count("\n") == 1  # no usage block above a bad flag's line
     return err.strip().splitlines()[-1]
 
 
