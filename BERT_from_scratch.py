@@ -829,6 +829,9 @@ def prepare_data(args, tokenizer=None, splits=SPLITS, log=print, cache_dir=None)
         c = corpora[split]
         if len(c) == 0:
             raise UserError(f"the {split} split has no sentences")
+        if c.article[0] == c.article[-1]:
+            raise UserError(f"the {split} split is one article, and NSP draws its negatives from other "
+                            "articles (WikiText starts each with a ' = Title = ' line between blank lines)")
         log(f"data: {split:10s} {c.article.max() + 1:6,} articles {len(c):8,} sentences "
             f"{len(c.ids):10,} tokens ({(c.ids == UNK_ID).mean():.2%} [UNK])")
     log(f"data: tokenizer ({tokenizer.get_vocab_size():,} tokens) {t1 - t0:.1f}s, tokenized splits "

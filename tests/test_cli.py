@@ -243,6 +243,13 @@ def latin1_split(folder):
     return folder
 
 
+def plain_text_without_titles(folder):  # no " = Title = " lines: each split is one article
+    folder.mkdir()
+    for split in bert.SPLITS:
+        (folder / f"{split}.txt").write_text("One sentence . Two sentences .\n\nA paragraph . Another .\n")
+    return folder
+
+
 def missing_test_split(folder):
     folder.mkdir()
     for split in ("train", "validation"):
@@ -297,6 +304,7 @@ def test_cuda_requested_without_cuda(tiny_data_dir):
 @pytest.mark.parametrize("make_data, message", [
     (corpus_without_pairs, "no article with two sentences"),
     (missing_test_split, "has no test.txt"),
+    (plain_text_without_titles, "the train split is one article"),
     (empty_validation_split, "the validation split has no sentences"),
     (latin1_split, "as UTF-8 text"),
 ])

@@ -59,7 +59,8 @@ def test_tokenizer_training_is_deterministic(tiny_data_dir):
 def test_tokenizer_is_trained_on_train_only(tmp_path):
     from conftest import write_tiny_wikitext
     folder = write_tiny_wikitext(tmp_path / "d")
-    (folder / "validation.txt").write_text(" = V = \n zyzzyva quixotic zyzzyva . quixotic zyzzyva .\n")
+    (folder / "validation.txt").write_text(" = V = \n \n zyzzyva quixotic zyzzyva . quixotic zyzzyva .\n"
+                                           " \n = W = \n \n quixotic zyzzyva .\n")
     args = Namespace(dataset_config="wikitext-2-v1", data_dir=str(folder), vocab_size=2000,
                      tokenizer_sample=bert.TOKENIZER_SAMPLE)
     tokenizer, corpora = bert.prepare_data(args, log=lambda *a: None)
