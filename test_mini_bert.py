@@ -264,7 +264,7 @@ def run(args):
     model, tokenizer = bert.load_checkpoint(path, device)
     train_args = ckpt.get("args", {})
     max_seq_len = train_args.get("max_seq_len", 128)
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say = (lambda *a: None) if args.json else print  # --json: the JSON only (notices and errors on stderr)
     say(f"loaded {path} ({model.num_parameters():,} parameters, trained {ckpt.get('step', 0):,} steps)"
         + ("" if args.checkpoint or path == SHIPPED_CHECKPOINT else
            f"; the shipped model: --checkpoint {os.path.relpath(SHIPPED_CHECKPOINT)}"))

@@ -62,8 +62,10 @@ def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_fill_mask_json(trained):
-    out = json_of(run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--top_k", "4",
-                             "--text", "the castle was [MASK] near the [mask] ."))
+    result = run_script("test_mini_bert.py", "--checkpoint", trained, "--json", "--top_k", "4",
+                        "--text", "the castle was [MASK] near the [mask] .")
+    assert result.stderr == ""  # nothing but the JSON
+    out = json_of(result)
     assert out["checkpoint"] == str(trained)
     (entry,) = out["fill_mask"]
     assert len(entry["predictions"]) == 2  # one list per [MASK], "[mask]" accepted too
