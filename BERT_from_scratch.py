@@ -1649,7 +1649,7 @@ def parse_args(argv=None):
         for k in RESUME_FIXED:
             if k in given and k in saved and given[k] != saved[k]:
                 parser.fail(f"--{k} {given[k]} differs from the resumed run's {saved[k]}; "
-                             "it cannot change when resuming")
+                            "it cannot change when resuming")
         for k, v in saved.items():
             if k in vars(args) and k not in given and k not in ("resume", "overwrite"):
                 setattr(args, k, v)
