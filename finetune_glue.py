@@ -8,7 +8,8 @@ every weight trained, cross-entropy loss (mean squared error for the STS-B regre
     python finetune_glue.py --task stsb --checkpoint checkpoints/bert_mini.pt --lr 3e-4 --json
     python benchmarks/glue_runs.py --table_only              # the README's table (the grid: benchmarks/README.md)
 
-It runs on the CPU (a fine-tuning run of BERT-Mini takes minutes there).
+It runs on the GPU where there is one (--device), else on the CPU, where a fine-tuning run of
+BERT-Mini takes minutes.
 
 The model is this project's own BertForPreTraining with its MLM and NSP heads dropped and a
 classifier added: the fine-tuned encoder and pooler are exactly the pretrained modules, loaded
@@ -285,19 +286,19 @@ def glue_metrics(task, outputs, labels):
 
 
 @torch.no_grad()
-def predict(model, examples, batch_size=128):
+def predict(model, examples, device, batch_size=128):
     """The model's outputs (n, num_labels) on every example, in order; batches sorted by length."""
     model.eval()
     order = np.argsort(examples.lengths, kind="stable")
     outputs = np.zeros((len(examples), model.classifier.out_features), np.float32)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate(examples, idx)
-        outputs[idx] = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).numpy()
+        batch = bert.batch_to_device(collate(examples, idx), device)
+        outputs[idx] = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).cpu().numpy()
     return outputs
 
 
-def finetune(model, train_set, args):
+def finetune(model, train_set, device, args):
     """AdamW (weight decay 0.01, none on biases and LayerNorm), linear warmup over args.warmup of
     the steps then linear decay to zero, gradients clipped at 1.0: BERT's fine-tuning recipe."""
     rng = np.random.default_rng(args.seed)
@@ -307,13 +308,13 @@ def finetune(model, train_set, args):
     optimizer = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.01), lr=args.lr,
                                   betas=(0.9, 0.999), eps=1e-6, fused=True)
     bar = bert.tqdm_bar(total=total_steps, desc=args.task, file=sys.stderr, disable=None)
-    step, losses = 0, []
+    step, losses = 0, []  # the last steps' losses, on the device: reading each would wait for a GPU
     model.train()
     for batches in epochs:
         for idx in batches:
             for group in optimizer.param_groups:
                 group["lr"] = bert.lr_at(step, total_steps, warmup_steps, args.lr)
-            batch = collate(train_set, idx)
+            batch = bert.batch_to_device(collate(train_set, idx), device)
             logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
             loss = loss_fn(logits, batch["labels"])
             loss.backward()
@@ -321,9 +322,10 @@ def finetune(model, train_set, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if step % 20 == 0:  # the mean training loss of the last 20 steps
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.3f}")
+                losses.clear()
             bar.update()
     bar.close()
     return total_steps
@@ -332,6 +334,8 @@ def finetune(model, train_set, args):
 def run(args):
     t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
     with bert.parts_of_checkpoint(args.checkpoint):  # damaged: a UserError too
         max_positions = ckpt["config"]["max_position_embeddings"]
@@ -342,15 +346,15 @@ def run(args):
             print(f"notice: the checkpoint was pretrained on pairs of at most {pretrained_len} tokens; "
                   f"positions beyond that are untrained", file=sys.stderr)
         tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
-        model = build_model(ckpt, task.num_labels, args.random_init, args.seed)
+        model = build_model(ckpt, task.num_labels, args.random_init, args.seed).to(device)
     data = load_task(args.task, args.data_dir)
     train_set, dev_set = (encode(*data[split], tokenizer, args.max_seq_len, task.num_labels == 1)
                           for split in ("train", "dev"))
-    steps = finetune(model, train_set, args)
-    score, metrics = glue_metrics(task, predict(model, dev_set), dev_set.labels)
+    steps = finetune(model, train_set, device, args)
+    score, metrics = glue_metrics(task, predict(model, dev_set, device), dev_set.labels)
     settings = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "seed", "max_seq_len", "warmup",
                                               "checkpoint", "random_init", "data_dir")}
-    settings.update(weight_decay=0.01, threads=torch.get_num_threads(), steps=steps)
+    settings.update(weight_decay=0.01, device=device.type, threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
             "cpu_seconds": round(time.process_time() - cpu0, 1),  # summed over threads
@@ -362,7 +366,7 @@ def run(args):
 
 
 def parse_args(argv=None):
-    p = bert.ArgumentParser("Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task, on the CPU.")
+    p = bert.ArgumentParser("Fine-tune a BERT_from_scratch.py checkpoint on a GLUE task.")
     p.add_argument("--task", required=True, choices=list(TASKS), help="the GLUE task")
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="the pretrained model")
     p.add_argument("--data_dir", default=None,
@@ -378,6 +382,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (if not given: 3; SST-2: 1)")
     p.add_argument("--max_seq_len", type=int, default=128, help="tokens per example, specials included")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (if not given: torch's default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
@@ -391,6 +396,8 @@ def parse_args(argv=None):
     for flag, ok, requirement in checks:
         if not ok:
             p.fail(f"--{flag} {requirement}, got {getattr(args, flag)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.fail("--device cuda: CUDA is not available here (use --device cpu)")
     return args
 
 

@@ -1,14 +1,18 @@
 """CUDA: the training step replayed from CUDA graphs trains the same model as the eager step, its
-dropout stays random, a failed capture falls back to eager steps, and resuming stays exact.
+dropout stays random, a failed capture falls back to eager steps, and resuming stays exact; GLUE
+fine-tuning runs on the GPU and predicts as on the CPU.
 These tests need a CUDA GPU and skip without one (benchmarks/gpu_checks.sh runs them)."""
 
+import json
 from argparse import Namespace
 
 import pytest
 import torch
 
 import BERT_from_scratch as bert
+import finetune_glue as glue
 from conftest import TINY_TRAIN, run_script, tiny_config
+from test_glue import write_glue
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -87,3 +91,19 @@ def test_resume_on_cuda_continues_the_run(tmp_path, tiny_data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (torch.load(p, weights_only=True)["model"] for p in (straight, half))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_glue_finetuning_on_cuda(tmp_path, tiny_data, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    bert.save_checkpoint(path, bert.BertForPreTraining(tiny_config()), tiny_data[0], step=0)
+    glue_dir = write_glue(tmp_path / "glue")
+    glue.main(["--task", "stsb", "--checkpoint", str(path), "--data_dir", str(glue_dir), "--device", "cuda",
+               "--batch_size", "4", "--max_seq_len", "32", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["device"] == "cuda" and -1 <= out["score"] <= 1
+    model = glue.build_model(bert.read_checkpoint(path), 2, random_init=False, seed=0)
+    dev = glue.encode(*glue.load_task("rte", glue_dir)["dev"], tiny_data[0], 32, regression=False)
+    on_cpu = glue.predict(model, dev, torch.device("cpu"))
+    assert torch.allclose(torch.from_numpy(glue.predict(model.to(CUDA), dev, CUDA)), torch.from_numpy(on_cpu),
+                          atol=1e-4)

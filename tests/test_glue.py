@@ -170,7 +170,7 @@ def test_finetune_end_to_end_json_and_deterministic(capsys, checkpoint, glue_dir
     s = out["settings"]
     assert (s["lr"], s["batch_size"], s["epochs"], s["seed"], s["max_seq_len"], s["random_init"]) == \
         (1e-4, 4, 2, 3, 32, False)
-    assert s["steps"] == 6 and s["checkpoint"] == str(checkpoint)
+    assert s["steps"] == 6 and s["checkpoint"] == str(checkpoint) and s["device"] == "cpu"
     again = finetune_json(capsys, checkpoint, glue_dir, "--task", "rte", "--epochs", "2", "--seed", "3")
     assert again["metrics"] == out["metrics"]
 
@@ -219,6 +219,9 @@ def test_errors(capsys, checkpoint, glue_dir, tmp_path):
     assert "invalid choice: 'qnli'" in error_of(capsys, "--task", "qnli", *ok)
     assert "--lr must be positive" in error_of(capsys, "--task", "rte", "--lr", "0", *ok)
     assert "--warmup" in error_of(capsys, "--task", "rte", "--warmup", "1", *ok)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert "CUDA is not available" in error_of(capsys, "--task", "rte", "--device", "cuda", *ok)
     line = error_of(capsys, "--task", "rte", "--checkpoint", str(checkpoint), "--max_seq_len", "32",
                     "--data_dir", str(tmp_path / "none"), code=1)
     assert line.startswith("error: ") and str(tmp_path / "none" / "RTE" / "train.tsv") in line
