@@ -14,7 +14,9 @@ then prints a markdown table.
 
 The grid, per task and init: every --lrs at seed 0; then the other --seeds at the lr with the best
 seed-0 dev score (the same lr grid for both inits). The table shows, per task and init, the mean
-and standard deviation over the seeds run at that lr.
+and standard deviation over the seeds run at that lr. A results file holds one setting (checkpoint,
+epochs, batch size, sequence length, warmup, data source): a grid with other settings needs its
+own --results, and is refused on a file with runs of other settings.
 """
 
 import argparse
@@ -79,6 +81,28 @@ def best_lr(results, task, init, lrs):
 WRITING = threading.Lock()
 
 
+def setting(task, s):
+    """What a results file must hold fixed for its runs to compare: all but the lr, seed and init."""
+    return (task, Path(s["checkpoint"]).name, s["epochs"], s["batch_size"], s["max_seq_len"], s["warmup"],
+            "hub" if s["data_dir"] is None else "files")
+
+
+def check_settings(args, results):
+    """Exit if the results file holds runs with other settings than this grid's: the grid would
+    take them for its own and skip those runs."""
+    sys.path.insert(0, str(REPO))
+    import finetune_glue  # (here, not at the top: --table_only needs no torch)
+    for task in args.tasks:
+        ours = setting(task, vars(finetune_glue.parse_args(
+            ["--task", task, "--checkpoint", args.checkpoint, *(["--data_dir", args.data_dir] if args.data_dir else []),
+             *args.finetune_args])))
+        theirs = {setting(task, r["settings"]) for r in results if r["task"] == task} - {ours}
+        if theirs:
+            names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "data")
+            differ = ", ".join(f"{n} {a} (here {b})" for n, a, b in zip(names, sorted(theirs)[0], ours) if a != b)
+            sys.exit(f"{args.results} holds {task} runs of other settings: {differ}; give this grid its own --results")
+
+
 def run_all(args, runs):
     """The runs (task, init, lr, seed), --jobs of them at a time, the longest first."""
     runs = sorted(runs, key=lambda r: LONGEST_FIRST.index(r[0]))
@@ -89,6 +113,7 @@ def run_all(args, runs):
 def run_grid(args):
     """First every seed-0 run (the lr grid), then the other seeds at each task's and init's best lr."""
     t0 = time.time()
+    check_settings(args, read_results(args.results))
     done = {key(r) for r in read_results(args.results)}
     run_all(args, [(task, init, lr, 0) for task in args.tasks for init in args.inits for lr in args.lrs
                    if (task, init, lr, 0) not in done])

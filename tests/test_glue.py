@@ -259,7 +259,8 @@ def test_hub_failure_suggests_data_dir(monkeypatch):
 
 def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, tmp_path):
     """benchmarks/glue_runs.py: two runs at a time; each lr at seed 0, other seeds only at the best
-    lr; a second call finds everything done and runs nothing; the table reads the file."""
+    lr; a second call finds everything done and runs nothing; the table reads the file; a grid of
+    other settings is refused on that file."""
     import subprocess
     import sys
     results = tmp_path / "results.jsonl"
@@ -283,6 +284,9 @@ def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, t
     assert again.returncode == 0 and "running" not in again.stderr
     assert len(results.read_text().splitlines()) == 6
     assert "| seed command |" in again.stdout and "2 seeds" in again.stdout
+    other = subprocess.run(cmd + ["--epochs", "1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert other.returncode == 1 and "running" not in other.stderr  # not taken for the 3-epoch runs
+    assert "holds rte runs of other settings: epochs 3 (here 1)" in other.stderr
 
 
 def test_readme_glue_table_is_the_one_the_results_file_gives():
