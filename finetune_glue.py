@@ -210,10 +210,12 @@ def loss_fn(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
-def build_model(ckpt, num_labels, random_init, seed):
-    """The classifier, seeded; unless random_init, with the checkpoint's encoder and pooler."""
+def build_model(ckpt, num_labels, random_init, seed, dropout=0.1):
+    """The classifier, seeded; unless random_init, with the checkpoint's encoder and pooler. Dropout
+    is the fine-tuning's own, whatever the pretraining used (Cramming, say, pretrains without)."""
     torch.manual_seed(seed)  # the same draws either way, so the classifier's init depends only on the seed
-    model = BertForSequenceClassification(bert.BertConfig(**ckpt["config"]), num_labels)
+    config = bert.BertConfig(**{**ckpt["config"], "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout})
+    model = BertForSequenceClassification(config, num_labels)
     if not random_init:
         pretrained = {k: v for k, v in ckpt["model"].items() if not k.startswith(("mlm_head.", "nsp_head."))}
         missing, unexpected = model.load_state_dict(pretrained, strict=False)  # fp16 weights become fp32
@@ -346,14 +348,14 @@ def run(args):
             print(f"notice: the checkpoint was pretrained on pairs of at most {pretrained_len} tokens; "
                   f"positions beyond that are untrained", file=sys.stderr)
         tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
-        model = build_model(ckpt, task.num_labels, args.random_init, args.seed).to(device)
+        model = build_model(ckpt, task.num_labels, args.random_init, args.seed, args.dropout).to(device)
     data = load_task(args.task, args.data_dir)
     train_set, dev_set = (encode(*data[split], tokenizer, args.max_seq_len, task.num_labels == 1)
                           for split in ("train", "dev"))
     steps = finetune(model, train_set, device, args)
     score, metrics = glue_metrics(task, predict(model, dev_set, device), dev_set.labels)
     settings = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "seed", "max_seq_len", "warmup",
-                                              "checkpoint", "random_init", "data_dir")}
+                                              "dropout", "checkpoint", "random_init", "data_dir")}
     settings.update(weight_decay=0.01, device=device.type, threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
@@ -382,6 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (if not given: 3; SST-2: 1)")
     p.add_argument("--max_seq_len", type=int, default=128, help="tokens per example, specials included")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="on embeddings, residual branches, attention weights and the pooled [CLS]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (if not given: torch's default)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -392,6 +396,7 @@ def parse_args(argv=None):
               ("epochs", args.epochs > 0, "must be positive"), ("seed", args.seed >= 0, "must be non-negative"),
               ("max_seq_len", args.max_seq_len >= 8, "must be at least 8"),
               ("warmup", 0 <= args.warmup < 1, "must be in [0, 1)"),
+              ("dropout", 0 <= args.dropout < 1, "must be in [0, 1)"),
               ("threads", args.threads is None or args.threads > 0, "must be positive")]
     for flag, ok, requirement in checks:
         if not ok:

@@ -161,6 +161,17 @@ def test_finetuning_starts_from_the_checkpoint_and_random_init_does_not(checkpoi
     assert glue.build_model(ckpt, 1, random_init=True, seed=1).classifier.weight.std().item() == pytest.approx(0.02, rel=0.3)
 
 
+def test_finetuning_dropout_is_its_own(checkpoint):
+    """0.1 as in BERT's fine-tuning even when the pretraining had none; --dropout sets it everywhere."""
+    ckpt = bert.read_checkpoint(checkpoint)
+    ckpt["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    for dropout in (0.1, 0.3):
+        model = glue.build_model(ckpt, 2, random_init=False, seed=0, dropout=dropout)
+        rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        rates += [m.dropout_p for m in model.modules() if isinstance(m, bert.SelfAttention)]
+        assert len(rates) == 4 + 2 and set(rates) == {dropout}  # embeddings, 2 layers, classifier; attention
+
+
 def test_finetune_end_to_end_json_and_deterministic(capsys, checkpoint, glue_dir):
     out = finetune_json(capsys, checkpoint, glue_dir, "--task", "rte", "--epochs", "2", "--seed", "3")
     assert set(out) == {"task", "metric", "score", "metrics", "settings", "seconds", "cpu_seconds",
@@ -168,8 +179,8 @@ def test_finetune_end_to_end_json_and_deterministic(capsys, checkpoint, glue_dir
     assert out["task"] == "rte" and out["metric"] == "accuracy" and out["score"] == out["metrics"]["accuracy"]
     assert out["train_examples"] == out["dev_examples"] == 12 and 0 <= out["score"] <= 1
     s = out["settings"]
-    assert (s["lr"], s["batch_size"], s["epochs"], s["seed"], s["max_seq_len"], s["random_init"]) == \
-        (1e-4, 4, 2, 3, 32, False)
+    assert (s["lr"], s["batch_size"], s["epochs"], s["seed"], s["max_seq_len"], s["dropout"], s["random_init"]) == \
+        (1e-4, 4, 2, 3, 32, 0.1, False)
     assert s["steps"] == 6 and s["checkpoint"] == str(checkpoint) and s["device"] == "cpu"
     again = finetune_json(capsys, checkpoint, glue_dir, "--task", "rte", "--epochs", "2", "--seed", "3")
     assert again["metrics"] == out["metrics"]
