@@ -242,7 +242,10 @@ class BertForPreTraining(nn.Module):
             h_masked = h.flatten(0, 1).gather(0, mlm_positions[:, None].expand(-1, h.size(-1)))  # (n_masked, H)
             mlm_logits = self.mlm_head(h_masked)  # (n_masked, V)
             targets = mlm_labels.view(-1).index_select(0, mlm_positions)
-            mlm_loss = F.cross_entropy(mlm_logits.float(), targets)  # mean over targets != -100
+            # The mean over targets != -100; 0, not 0/0, for a batch without any (a pair of only
+            # [UNK] and specials has no token to mask).
+            n_targets = (targets != -100).sum().clamp(min=1)
+            mlm_loss = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / n_targets
         if nsp_labels is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
@@ -1070,7 +1073,7 @@ class TrainStep:
             with nullcontext() if last or self.world_size == 1 else self.model.no_sync():
                 # (DDP divides the summed gradients by world_size: the weights undo that.)
                 self.forward_backward(batch_to_device(batch, self.device),
-                                      self.world_size * n_mlm[k] / mlm_total,
+                                      self.world_size * n_mlm[k] / mlm_total if n_mlm[k] else 0.0,
                                       self.world_size * n_nsp[k] / nsp_total)
         self.update()
 
@@ -1368,6 +1371,7 @@ class Run:
         if self.procs.ddp:
             dist.all_reduce(totals)
         mlm_loss, mlm_hits, nsp_loss, nsp_hits, n_masked, n_pairs, n_tokens, stop = totals.tolist()
+        n_masked = max(n_masked, 1)  # (steps of pairs with nothing to mask: rare, but possible)
         entry = {"kind": "train", "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
                  "loss": mlm_loss / n_masked + nsp_loss / n_pairs, "mlm_loss": mlm_loss / n_masked,
                  "nsp_loss": nsp_loss / n_pairs, "mlm_accuracy": mlm_hits / n_masked,

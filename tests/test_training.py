@@ -300,3 +300,34 @@ def test_compile_builds_one_graph_per_batch_shape(tiny_data, monkeypatch):
         step([batch], 1e-4)
     assert len(shapes) >= 2 and len(dataset) > 2 * len(shapes)
     assert counters["stats"]["unique_graphs"] == len(shapes)
+
+
+def test_a_batch_with_nothing_to_mask_trains_on_nsp_alone(tiny_data):
+    """A pair of only [UNK] and specials (WikiText-2 has such "sentences") has no token to mask:
+    its MLM loss counts 0, not 0/0, alone or among other micro-batches, and the logs stay finite."""
+    ids = np.array([[bert.CLS_ID, bert.UNK_ID, bert.SEP_ID, bert.UNK_ID, bert.SEP_ID]])
+    assert (bert.mask_tokens(ids, np.array([0]), 0, 0, 0.15, 300) == -100).all()
+    tokenizer, corpora = tiny_data
+    c, V = corpora["train"], tokenizer.get_vocab_size()
+    pairs = bert.build_pairs(c, np.random.default_rng(0))
+    normal = bert.PretrainingBatches(c, pairs, [np.arange(4)], 64, 0.15, V, 0, 0)[0]
+    empty = {**normal, "mlm_labels": torch.full_like(normal["mlm_labels"], -100)}  # as such pairs come
+    torch.manual_seed(0)
+    model = bert.BertForPreTraining(tiny_config(V, dropout=0.0))
+    out = model(**empty)
+    assert out.mlm_loss.item() == 0 and torch.equal(out.loss, out.nsp_loss)
+
+    def step(micro_batches):
+        torch.manual_seed(0)
+        model = bert.BertForPreTraining(tiny_config(V, dropout=0.0))
+        optimizer = torch.optim.AdamW(model.optimizer_groups(0.01), lr=1e-3)
+        train_step = bert.TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                    torch.device("cpu"), torch.float32)
+        train_step(micro_batches, 1e-3)
+        return model, train_step.stats
+    alone, stats = step([empty])
+    assert torch.isfinite(stats).all() and stats[0] == 0
+    assert all(torch.isfinite(p).all() for p in alone.parameters())
+    _, with_normal = step([normal, empty])
+    _, normal_only = step([normal])
+    assert torch.isfinite(with_normal).all() and torch.allclose(with_normal[:2], normal_only[:2])
