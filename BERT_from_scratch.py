@@ -278,6 +278,11 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4, in 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 N_SPECIAL = len(SPECIAL_TOKENS)  # every id >= N_SPECIAL is an ordinary WordPiece token
 SPLITS = ("train", "validation", "test")
+# A split's file in --data_dir, by any of its names: ours (the hub's split names), those in
+# Salesforce's WikiText zips, and pytorch/examples' valid.txt.
+SPLIT_FILES = {"train": ("train.txt", "wiki.train.tokens", "wiki.train.raw"),
+               "validation": ("validation.txt", "valid.txt", "wiki.valid.tokens", "wiki.valid.raw"),
+               "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw")}
 DATASET_CONFIGS = ["wikitext-2-v1", "wikitext-2-raw-v1", "wikitext-103-v1", "wikitext-103-raw-v1"]  # on the hub
 EVAL_SEED = 1234  # evaluation pairs and masks never change, so runs compare
 TOKENIZER_SAMPLE = 250_000  # the vocabulary is learned from at most this many sentences (benchmarks/README.md)
@@ -308,22 +313,26 @@ def load_wikitext(dataset_config, data_dir, splits=SPLITS):
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise UserError(f"--data_dir {data_dir} is not a folder (it should hold WikiText's train.txt, "
-                            "validation.txt and test.txt)")
-        paths = {split: Path(data_dir) / f"{split}.txt" for split in splits}
-        for path in paths.values():
-            if not path.is_file():
-                raise UserError(f"--data_dir {data_dir} has no {path.name} (expected WikiText's "
-                                "train.txt, validation.txt and test.txt)")
-        return {split: TextFile(path) for split, path in paths.items()}
+                            "validation.txt and test.txt, or wiki.train.tokens, wiki.valid.tokens and "
+                            "wiki.test.tokens)")
+        files = {}
+        for split in splits:
+            found = [Path(data_dir) / name for name in SPLIT_FILES[split] if (Path(data_dir) / name).is_file()]
+            if not found:
+                raise UserError(f"--data_dir {data_dir} has no {split} split (no {' or '.join(SPLIT_FILES[split])})")
+            if len(found) > 1:
+                raise UserError(f"--data_dir {data_dir} has {' and '.join(p.name for p in found)}: "
+                                f"which is the {split} split? Keep one")
+            files[split] = TextFile(found[0])
+        return files
     try:
         ds = load_from_hub("Salesforce/wikitext", dataset_config)
         return {split: ds[split]["text"] for split in splits}  # (datasets 4+ reads columns lazily)
     except Exception as e:
         raise UserError(
             f"could not load Salesforce/wikitext '{dataset_config}' from the HuggingFace hub or its "
-            f"cache ({error_line(e)}). Without "
-            "network, pass --data_dir DIR with train.txt/validation.txt/test.txt, or set "
-            "HF_HUB_OFFLINE=1 with a prepared datasets cache in HF_HOME.") from None
+            f"cache ({error_line(e)}). Without network, pass --data_dir DIR with train.txt/validation.txt/"
+            "test.txt (or wiki.*.tokens), or set HF_HUB_OFFLINE=1 with a prepared datasets cache in HF_HOME.") from None
 
 
 @dataclass
@@ -892,12 +901,14 @@ def batch_counts(batch):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, device, dtype, num_workers=0):
-    """MLM loss, accuracy and perplexity over all masked positions, and NSP accuracy."""
+def evaluate(model, dataset, device, dtype, num_workers=0, bar=None):
+    """MLM loss, accuracy and perplexity over all masked positions, and NSP accuracy. bar: a
+    progress bar's settings (tqdm's), if one is wanted."""
     was_training = model.training
     model.eval()
     sums = []  # per batch, kept on the device and read once at the end
-    for batch in make_loader(dataset, num_workers, pin_memory=device.type == "cuda"):
+    loader = make_loader(dataset, num_workers, pin_memory=device.type == "cuda")
+    for batch in loader if bar is None else tqdm_bar(iterable=loader, total=len(dataset), leave=False, **bar):
         batch = batch_to_device(batch, device)
         with autocast_for(device, dtype):
             out = model(**batch)
@@ -953,6 +964,8 @@ def save_checkpoint(path, model, tokenizer, **extra):
 def read_checkpoint(path):
     """The checkpoint dict, checked; UserError for a missing, truncated or foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give the path of a checkpoint file in it")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (train one with `python BERT_from_scratch.py`, "
                         "or give the path of one)")
@@ -1424,7 +1437,8 @@ class Run:
         gpu = f", GPU {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if procs.device.type == "cuda" else ""
         procs.print(f"done: {self.step:,} steps in {time.time() - self.t_start:,.0f}s (evaluation included), "
                     f"peak memory {peak_memory_gib():.2f} GiB{gpu}; checkpoint {self.path}, "
-                    f"metrics log {self.metrics_path}")
+                    f"metrics log {self.metrics_path}"
+                    + (f", learning curves {self.path.with_suffix('.png')}" if self.args.plot else ""))
         return 0
 
     def record(self, entry):
@@ -1437,7 +1451,8 @@ class Run:
         """The first process evaluates; the others wait for it."""
         metrics = None
         if self.procs.rank == 0:
-            metrics = evaluate(self.model, dataset, self.procs.device, self.dtype, self.args.num_workers)
+            metrics = evaluate(self.model, dataset, self.procs.device, self.dtype, self.args.num_workers,
+                               bar={"desc": split})
             self.record({"kind": "eval", "split": split, "step": self.step, "epoch": self.epoch, **metrics})
             self.procs.print(f"{split} @ step {self.step:,}: {format_metrics(metrics)}")
         if self.procs.ddp:
@@ -1495,7 +1510,7 @@ def check_output_path(path, resuming_from, overwrite):
     """Fail before training, not after an hour: the checkpoint path must be writable, and a run
     never replaces a model file it did not create (unless --overwrite, or resuming that file)."""
     if path.is_dir():
-        raise UserError(f"--checkpoint {path} is a directory; give a file name such as {path / 'bert.pt'}")
+        raise UserError(f"--checkpoint {path} is a folder; give a file name such as {path / 'bert.pt'}")
     if path.exists() and not overwrite and not (resuming_from and Path(resuming_from).resolve() == path.resolve()):
         raise UserError(f"{path} already exists; choose another --checkpoint, pass --overwrite to "
                         f"replace it, or --resume {path} to continue it")
@@ -1504,8 +1519,8 @@ def check_output_path(path, resuming_from, overwrite):
         probe = path.with_name(f".{path.name}.probe{os.getpid()}")
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the checkpoint {path}: {e}") from None
+    except OSError as e:  # (the reason only: the probe's name would puzzle)
+        raise UserError(f"cannot write the checkpoint {path}: {e.strerror or e}") from None
 
 
 def tqdm_bar(**kwargs):
@@ -1599,7 +1614,8 @@ def build_parser():
     # data
     p.add_argument("--dataset_config", default="wikitext-2-v1", choices=DATASET_CONFIGS, help="the WikiText variant")
     p.add_argument("--data_dir", default=None,
-                   help="local folder with train.txt, validation.txt, test.txt instead of the hub")
+                   help="local folder with train.txt, validation.txt, test.txt (or WikiText's wiki.*.tokens) "
+                   "instead of the hub")
     p.add_argument("--tokenizer_sample", type=int, default=TOKENIZER_SAMPLE,
                    help="learn the vocabulary from a random sample of this many train sentences (all if fewer)")
     p.add_argument("--cache_dir", default=None,

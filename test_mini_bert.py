@@ -313,7 +313,7 @@ def run(args):
         dataset = bert.eval_batches(corpora["test"], max_seq_len, train_args.get("mask_prob", 0.15),
                                     tokenizer.get_vocab_size())
         dtype = bert.resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
-        metrics = bert.evaluate(model, dataset, device, dtype)
+        metrics = bert.evaluate(model, dataset, device, dtype, bar={"desc": "test", "disable": None})  # (terminals only)
         base = baselines(corpora["train"], dataset, tokenizer)
         result["test"], result["baselines"] = metrics, base
         say(f"\ntest split: {bert.format_metrics(metrics)} "

@@ -305,7 +305,7 @@ def test_cuda_requested_without_cuda(tiny_data_dir):
 
 @pytest.mark.parametrize("make_data, message", [
     (corpus_without_pairs, "no article with two sentences"),
-    (missing_test_split, "has no test.txt"),
+    (missing_test_split, "has no test split (no test.txt or wiki.test.tokens or wiki.test.raw)"),
     (plain_text_without_titles, "the train split is one article"),
     (empty_validation_split, "the validation split has no sentences"),
     (latin1_split, "as UTF-8 text"),
@@ -322,6 +322,7 @@ def test_unwritable_output_is_caught_before_training(tmp_path, tiny_data_dir):
     result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
                         "--checkpoint", blocker / "model.pt")
     assert result.returncode == 1 and "cannot write the checkpoint" in result.stderr
+    assert "probe" not in result.stderr  # the reason, not the name of the file that tried
     assert "data:" not in result.stdout  # it failed before loading any data
     assert "Traceback" not in result.stderr
 
@@ -331,7 +332,7 @@ def test_bad_output_paths(tmp_path, tiny_data_dir, trained):
     folder.mkdir()
     result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
                         "--checkpoint", folder, "--overwrite")
-    assert result.returncode == 1 and "is a directory" in result.stderr
+    assert result.returncode == 1 and "is a folder; give a file name" in result.stderr
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for flag, target, message in [("--export_release", blocker / "x.pt", "cannot write"),

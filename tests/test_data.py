@@ -67,6 +67,23 @@ def test_tokenizer_is_trained_on_train_only(tmp_path):
     assert tokenizer.token_to_id("zyzzyva") is None and tokenizer.token_to_id("castle") is not None
 
 
+def test_data_dir_takes_the_file_names_of_wikitext_downloads(tmp_path, tiny_data_dir):
+    """Salesforce's zips name the splits wiki.{train,valid,test}.tokens (.raw), pytorch/examples
+    valid.txt: each is read as the split; two candidates for one split are an error."""
+    ours = bert.load_wikitext("wikitext-2-v1", tiny_data_dir)
+    zip_layout, examples_layout = tmp_path / "wikitext-2", tmp_path / "examples"
+    for folder, names in ((zip_layout, ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")),
+                          (examples_layout, ("train.txt", "valid.txt", "test.txt"))):
+        folder.mkdir()
+        for split, name in zip(bert.SPLITS, names):
+            (folder / name).write_bytes((tiny_data_dir / f"{split}.txt").read_bytes())
+        theirs = bert.load_wikitext("wikitext-2-v1", folder)
+        assert all(list(theirs[split]) == list(ours[split]) for split in bert.SPLITS)
+    (examples_layout / "validation.txt").write_text(" = A = \n")
+    with pytest.raises(bert.UserError, match="has validation.txt and valid.txt: which is the validation split"):
+        bert.load_wikitext("wikitext-2-v1", examples_layout)
+
+
 # NSP pairs ----------------------------------------------------------------------------
 
 def test_pairs_half_negatives_from_other_articles(tiny_data):

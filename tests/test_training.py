@@ -93,6 +93,8 @@ def test_bad_checkpoint_files_are_clear_errors(tmp_path, tiny_data):
     tokenizer, _ = tiny_data
     with pytest.raises(bert.UserError, match="does not exist"):
         bert.read_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(bert.UserError, match="is a folder; give the path of a checkpoint file in it"):
+        bert.read_checkpoint(tmp_path)
     good = tmp_path / "good.pt"
     bert.save_checkpoint(good, bert.BertForPreTraining(tiny_config(tokenizer.get_vocab_size())), tokenizer)
     truncated = tmp_path / "truncated.pt"
@@ -217,7 +219,8 @@ def test_a_second_signal_exits_at_once(monkeypatch):
 
 def test_metrics_log_and_learning_curves(tmp_path, tiny_data_dir):
     pytest.importorskip("matplotlib")
-    path, _ = train(tmp_path, tiny_data_dir, "curves", "--max_steps", "6", "--plot")
+    path, result = train(tmp_path, tiny_data_dir, "curves", "--max_steps", "6", "--plot")
+    assert f"learning curves {path.with_suffix('.png')}" in result.stdout
     records = [json.loads(line) for line in open(path.with_suffix(".metrics.jsonl"))]
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == list(range(1, 7))
