@@ -7,7 +7,7 @@ Everything BERT-specific is written here from standard PyTorch layers; the only 
 are the WikiText-2 download (HF `datasets`) and the WordPiece trainer (HF `tokenizers`).
 
     python BERT_from_scratch.py --device cuda --epochs 2 --batch_size 16    # --device cpu without a GPU
-    python BERT_from_scratch.py --data_dir DIR                              # WikiText's train/validation/test.txt
+    python BERT_from_scratch.py --data_dir DIR                              # WikiText's files, offline
     torchrun --nproc_per_node=2 BERT_from_scratch.py --batch_size 16        # data parallel
     python test_mini_bert.py                                                # predictions from the checkpoint
 
@@ -1514,9 +1514,15 @@ def check_output_path(path, resuming_from, overwrite):
     if path.exists() and not overwrite and not (resuming_from and Path(resuming_from).resolve() == path.resolve()):
         raise UserError(f"{path} already exists; choose another --checkpoint, pass --overwrite to "
                         f"replace it, or --resume {path} to continue it")
+    blocker = next((p for p in path.parents if p.is_file()), None)
+    if blocker is not None:
+        raise UserError(f"cannot write the checkpoint {path}: {blocker} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    except OSError as e:
+        raise UserError(f"cannot write the checkpoint {path}: {e}") from None
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:  # (the reason only: the probe's name would puzzle)

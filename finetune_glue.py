@@ -6,6 +6,7 @@ every weight trained, cross-entropy loss (mean squared error for the STS-B regre
     python finetune_glue.py --task rte                       # the shipped BERT-Mini, GLUE from the hub
     python finetune_glue.py --task rte --random_init         # the baseline: no pretraining
     python finetune_glue.py --task stsb --checkpoint checkpoints/bert_mini.pt --lr 3e-4 --json
+    python finetune_glue.py --task sst2 --save sst2-mini     # then pipeline("text-classification", model="sst2-mini")
     python benchmarks/glue_runs.py --table_only              # the README's table (the grid: benchmarks/README.md)
 
 It runs on the GPU where there is one (--device), else on the CPU, where a fine-tuning run of
@@ -15,7 +16,8 @@ The model is this project's own BertForPreTraining with its MLM and NSP heads dr
 classifier added: the fine-tuned encoder and pooler are exactly the pretrained modules, loaded
 from the checkpoint without any conversion, and transformers is nowhere in the path. --random_init
 trains the same architecture with the same tokenizer from a fresh, seeded init: the difference
-between the two is what pretraining bought.
+between the two is what pretraining bought. --save writes the fine-tuned model as a transformers
+folder (BertForSequenceClassification), the same export as test_mini_bert.py --export_hf.
 
 --data_dir DIR reads GLUE's task folders (SST-2/, MRPC/, RTE/, CoLA/, STS-B/, each with train.tsv
 and dev.tsv, as GLUE's download script writes them); without it the task comes from the
@@ -53,25 +55,26 @@ class Task:
     hub_fields: tuple  # the same sentences' field names in nyu-mll/glue
     num_labels: int  # classes; 1 = regression
     metric: str  # the main score's name
+    labels: tuple  # the classes' names, in label order (STS-B: the score's)
     epochs: int = 3  # default fine-tuning epochs
 
 
 TASKS = {
     # SST-2 is 8 to 27 times larger than the others: one epoch is 2,105 steps of 32.
-    "sst2": Task("SST-2", (0,), 1, True, ("sentence",), 2, "accuracy", epochs=1),
-    "mrpc": Task("MRPC", (3, 4), 0, True, ("sentence1", "sentence2"), 2, "mean(f1, accuracy)"),
-    "rte": Task("RTE", (1, 2), 3, True, ("sentence1", "sentence2"), 2, "accuracy"),
-    "cola": Task("CoLA", (3,), 1, False, ("sentence",), 2, "matthews"),
-    "stsb": Task("STS-B", (7, 8), 9, True, ("sentence1", "sentence2"), 1, "mean(pearson, spearman)"),
+    "sst2": Task("SST-2", (0,), 1, True, ("sentence",), 2, "accuracy", ("negative", "positive"), epochs=1),
+    "mrpc": Task("MRPC", (3, 4), 0, True, ("sentence1", "sentence2"), 2, "mean(f1, accuracy)",
+                 ("not_equivalent", "equivalent")),
+    "rte": Task("RTE", (1, 2), 3, True, ("sentence1", "sentence2"), 2, "accuracy", ("entailment", "not_entailment")),
+    "cola": Task("CoLA", (3,), 1, False, ("sentence",), 2, "matthews", ("unacceptable", "acceptable")),
+    "stsb": Task("STS-B", (7, 8), 9, True, ("sentence1", "sentence2"), 1, "mean(pearson, spearman)", ("similarity",)),
 }
-RTE_LABELS = {"entailment": 0, "not_entailment": 1}  # as in nyu-mll/glue
 
 
 def parse_label(task, text):
     if task.num_labels == 1:
         return float(text)
-    if task.folder == "RTE":
-        return RTE_LABELS[text]
+    if task.folder == "RTE":  # written out in the files; ids as in nyu-mll/glue
+        return task.labels.index(text)
     label = int(text)
     if not 0 <= label < task.num_labels:
         raise ValueError(label)
@@ -333,11 +336,28 @@ def finetune(model, train_set, device, args):
     return total_steps
 
 
+def resolve_device(name):
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save(model, tokenizer, task, folder):
+    """The fine-tuned classifier as a transformers folder: BertForSequenceClassification with the
+    task's label names, and the tokenizer (pipeline("text-classification") runs it)."""
+    import test_mini_bert  # the export to transformers lives there
+    names = dict(enumerate(task.labels))
+    regression = {"problem_type": "regression"} if task.num_labels == 1 else {}  # (no sigmoid in pipelines)
+    test_mini_bert.export_hf(model.cpu(), tokenizer, folder, "--save", "BertForSequenceClassification",
+                             num_labels=task.num_labels, id2label=names, label2id={v: k for k, v in names.items()},
+                             **regression)
+
+
 def run(args):
     t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.save:
+        import test_mini_bert
+        test_mini_bert.check_export_folder(args.save, "--save")  # before the work, not after
+    device = torch.device(resolve_device(args.device))
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
     with bert.parts_of_checkpoint(args.checkpoint):  # damaged: a UserError too
         max_positions = ckpt["config"]["max_position_embeddings"]
@@ -348,14 +368,17 @@ def run(args):
             print(f"notice: the checkpoint was pretrained on pairs of at most {pretrained_len} tokens; "
                   f"positions beyond that are untrained", file=sys.stderr)
         tokenizer = bert.tokenizer_from_json(ckpt["tokenizer"])
-        model = build_model(ckpt, task.num_labels, args.random_init, args.seed, args.dropout).to(device)
+        model = build_model(ckpt, task.num_labels, args.random_init, args.seed, args.dropout)
+    model.to(device)  # (outside: a GPU's error is no damaged checkpoint)
     data = load_task(args.task, args.data_dir)
     train_set, dev_set = (encode(*data[split], tokenizer, args.max_seq_len, task.num_labels == 1)
                           for split in ("train", "dev"))
     steps = finetune(model, train_set, device, args)
     score, metrics = glue_metrics(task, predict(model, dev_set, device), dev_set.labels)
+    if args.save:
+        save(model, tokenizer, task, args.save)
     settings = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "seed", "max_seq_len", "warmup",
-                                              "dropout", "checkpoint", "random_init", "data_dir")}
+                                              "dropout", "checkpoint", "random_init", "data_dir", "save")}
     settings.update(weight_decay=0.01, device=device.type, threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
@@ -388,6 +411,8 @@ def parse_args(argv=None):
                    help="on embeddings, residual branches, attention weights and the pooled [CLS]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (if not given: torch's default)")
+    p.add_argument("--save", metavar="DIR", help="write the fine-tuned model as a transformers folder "
+                   "(BertForSequenceClassification, with the task's label names)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     if args.epochs is None:
@@ -428,6 +453,8 @@ def main(argv=None):
           f"{result['metric']} {result['score']:.4f} on {result['dev_examples']:,} dev examples")
     print("  " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
           + f"  ({result['train_examples']:,} training examples, {result['seconds']:.0f}s)")
+    if args.save:
+        print(f"  saved to {args.save}/: pipeline('text-classification', model='{args.save}')")
 
 
 if __name__ == "__main__":

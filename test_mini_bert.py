@@ -5,7 +5,7 @@ Predictions from a BERT checkpoint trained by BERT_from_scratch.py: masked-token
     python test_mini_bert.py                                   # a short demo
     python test_mini_bert.py --text "the [MASK] of the city"   # top-k for every [MASK]
     python test_mini_bert.py --sentence_a "..." --sentence_b "..."
-    python test_mini_bert.py --eval --data_dir DIR             # test-split scores (DIR: WikiText's .txt files)
+    python test_mini_bert.py --eval --data_dir DIR             # test-split scores (DIR: WikiText's files)
     python test_mini_bert.py --export_hf bert-mini-hf          # a folder transformers loads
 
 Without --checkpoint it loads your newest training output under checkpoints/, or else the
@@ -118,7 +118,8 @@ def baselines(train_corpus, dataset, tokenizer):
 
 
 def hf_state_dict(model):
-    """The model's weights under transformers' BertForPreTraining names (for export and tests)."""
+    """The model's weights under transformers' names: BertForPreTraining's (for export and tests),
+    or, for finetune_glue.py's classifier, BertForSequenceClassification's."""
     sd, c = model.state_dict(), model.config
     H = c.hidden_size
     out = {
@@ -129,16 +130,21 @@ def hf_state_dict(model):
         "bert.embeddings.LayerNorm.bias": sd["embeddings.norm.bias"],
         "bert.pooler.dense.weight": sd["pooler.weight"],
         "bert.pooler.dense.bias": sd["pooler.bias"],
-        "cls.predictions.transform.dense.weight": sd["mlm_head.dense.weight"],
-        "cls.predictions.transform.dense.bias": sd["mlm_head.dense.bias"],
-        "cls.predictions.transform.LayerNorm.weight": sd["mlm_head.norm.weight"],
-        "cls.predictions.transform.LayerNorm.bias": sd["mlm_head.norm.bias"],
-        "cls.predictions.decoder.weight": sd["mlm_head.decoder.weight"],
-        "cls.predictions.decoder.bias": sd["mlm_head.decoder.bias"],
-        "cls.predictions.bias": sd["mlm_head.decoder.bias"],
-        "cls.seq_relationship.weight": sd["nsp_head.weight"],
-        "cls.seq_relationship.bias": sd["nsp_head.bias"],
     }
+    if "classifier.weight" in sd:
+        out.update({"classifier.weight": sd["classifier.weight"], "classifier.bias": sd["classifier.bias"]})
+    else:
+        out.update({
+            "cls.predictions.transform.dense.weight": sd["mlm_head.dense.weight"],
+            "cls.predictions.transform.dense.bias": sd["mlm_head.dense.bias"],
+            "cls.predictions.transform.LayerNorm.weight": sd["mlm_head.norm.weight"],
+            "cls.predictions.transform.LayerNorm.bias": sd["mlm_head.norm.bias"],
+            "cls.predictions.decoder.weight": sd["mlm_head.decoder.weight"],
+            "cls.predictions.decoder.bias": sd["mlm_head.decoder.bias"],
+            "cls.predictions.bias": sd["mlm_head.decoder.bias"],
+            "cls.seq_relationship.weight": sd["nsp_head.weight"],
+            "cls.seq_relationship.bias": sd["nsp_head.bias"],
+        })
     for i in range(c.num_hidden_layers):
         ours, hf = f"layers.{i}.", f"bert.encoder.layer.{i}."
         for name, w in zip(("query", "key", "value"), sd[ours + "attn.qkv.weight"].split(H)):
@@ -154,8 +160,9 @@ def hf_state_dict(model):
     return out
 
 
-def to_transformers(model):
-    """transformers' BertForPreTraining with this model's config and weights."""
+def to_transformers(model, architecture="BertForPreTraining", **config):
+    """transformers' BertForPreTraining (or the given architecture, with these extra config fields)
+    with this model's config and weights."""
     import transformers
 
     c = model.config
@@ -165,33 +172,44 @@ def to_transformers(model):
         max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
         hidden_dropout_prob=c.hidden_dropout_prob, attention_probs_dropout_prob=c.attention_probs_dropout_prob,
         layer_norm_eps=c.layer_norm_eps, initializer_range=c.initializer_range,
-        pad_token_id=c.pad_token_id, hidden_act="gelu", architectures=["BertForPreTraining"])
-    hf_model = transformers.BertForPreTraining(hf_config)
+        pad_token_id=c.pad_token_id, hidden_act="gelu", architectures=[architecture], **config)
+    hf_model = getattr(transformers, architecture)(hf_config)
     hf_model.load_state_dict(hf_state_dict(model), strict=True)
     return hf_model
 
 
-def export_hf(model, tokenizer, out_dir):
-    """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel,
-    with a fast tokenizer: config.json, model.safetensors, tokenizer files. Written into a staging
-    folder first and moved into place when complete; never into a folder that has files."""
+def check_export_folder(out_dir, flag="--export_hf"):
+    """Fail before any work: transformers must be installed, and out_dir new or empty."""
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
-        raise bert.UserError("--export_hf needs transformers: pip install transformers") from None
-    transformers.utils.logging.disable_progress_bar()  # one file: no "Writing model shards" bar
-
-    target, staging = Path(os.path.abspath(out_dir)), None
+        raise bert.UserError(f"{flag} needs transformers: pip install transformers") from None
+    target = Path(os.path.abspath(out_dir))
     try:
         if target.exists() and not target.is_dir():
-            raise bert.UserError(f"--export_hf {out_dir} is a file; give a folder")
+            raise bert.UserError(f"{flag} {out_dir} is a file; give a folder")
         if target.is_dir() and any(target.iterdir()):
-            raise bert.UserError(f"--export_hf {out_dir} already has files; remove them or choose another folder")
+            raise bert.UserError(f"{flag} {out_dir} already has files; remove them or choose another folder")
+    except OSError as e:
+        raise bert.UserError(f"cannot write {out_dir}: {e}") from None
+    return target
+
+
+def export_hf(model, tokenizer, out_dir, flag="--export_hf", architecture="BertForPreTraining", **config):
+    """A folder that transformers loads as BertForPreTraining / BertForMaskedLM / BertModel (or
+    the given architecture), with a fast tokenizer: config.json, model.safetensors, tokenizer
+    files. Written into a staging folder first and moved into place when complete; never into a
+    folder that has files."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # one file: no "Writing model shards" bar
+
+    target, staging = check_export_folder(out_dir, flag), None
+    try:
         # A new folder is staged beside it and renamed; an existing empty one gets its files moved in.
         staging = (target / f".partial-{os.getpid()}" if target.is_dir()
                    else target.parent / f".{target.name}.partial-{os.getpid()}")
         staging.mkdir(parents=True)
-        to_transformers(model).save_pretrained(staging)
+        to_transformers(model, architecture, **config).save_pretrained(staging)
         hf_tokenizer = transformers.BertTokenizerFast(
             tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
             sep_token="[SEP]", mask_token="[MASK]", model_max_length=model.config.max_position_embeddings)

@@ -15,7 +15,7 @@ then prints a markdown table.
 The grid, per task and init: every --lrs at seed 0; then the other --seeds at the lr with the best
 seed-0 dev score (the same lr grid for both inits). The table shows, per task and init, the mean
 and standard deviation over the seeds run at that lr. A results file holds one setting (checkpoint,
-epochs, batch size, sequence length, warmup, dropout, data source): a grid with other settings needs its
+epochs, batch size, sequence length, warmup, dropout, data source, device): a grid with other settings needs its
 own --results, and is refused on a file with runs of other settings.
 """
 
@@ -84,7 +84,8 @@ WRITING = threading.Lock()
 def setting(task, s):
     """What a results file must hold fixed for its runs to compare: all but the lr, seed and init."""
     return (task, Path(s["checkpoint"]).name, s["epochs"], s["batch_size"], s["max_seq_len"], s["warmup"],
-            s.get("dropout", 0.1), "hub" if s["data_dir"] is None else "files")  # (older runs: dropout 0.1)
+            s.get("dropout", 0.1), "hub" if s["data_dir"] is None else "files", s.get("device", "cpu"))
+    # (Runs from before --dropout and --device used the checkpoint's rate, 0.1 in the files here, on the CPU.)
 
 
 def check_settings(args, results):
@@ -93,12 +94,14 @@ def check_settings(args, results):
     sys.path.insert(0, str(REPO))
     import finetune_glue  # (here, not at the top: --table_only needs no torch)
     for task in args.tasks:
-        ours = setting(task, vars(finetune_glue.parse_args(
+        run = vars(finetune_glue.parse_args(
             ["--task", task, "--checkpoint", args.checkpoint, *(["--data_dir", args.data_dir] if args.data_dir else []),
-             *args.finetune_args])))
+             *args.finetune_args]))
+        run["device"] = finetune_glue.resolve_device(run["device"])
+        ours = setting(task, run)
         theirs = {setting(task, r["settings"]) for r in results if r["task"] == task} - {ours}
         if theirs:
-            names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "dropout", "data")
+            names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "dropout", "data", "device")
             differ = ", ".join(f"{n} {a} (here {b})" for n, a, b in zip(names, sorted(theirs)[0], ours) if a != b)
             sys.exit(f"{args.results} holds {task} runs of other settings: {differ}; give this grid its own --results")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's GPU figures in one go, on one CUDA GPU, most important first:
 #   1. the CUDA tests: CUDA-graph steps train the same model as eager steps, dropout stays random
-#      under replay, a failed capture falls back to eager steps, resuming continues the run;
+#      under replay, a failed capture falls back to eager steps, resuming continues the run, GLUE
+#      fine-tuning runs on the GPU;
 #   2. bench_train.py: mini against transformers in fp32 and bf16 on the seed command's batches
 #      (eager and CUDA graphs);
 #   3. the seed command exactly as a user types it, with its wall time (a cold data cache);

@@ -181,13 +181,15 @@ def run_training(opts, work):
 
 def make_copies(source, copies, folder):
     """train.txt: `copies` copies of source's train split, one after another; validation and test as they are."""
+    import BERT_from_scratch as bert
     folder.mkdir(parents=True, exist_ok=True)
-    text = (source / "train.txt").read_bytes()
+    files = {split: f.path for split, f in bert.load_wikitext(None, source).items()}  # (any of WikiText's names)
+    text = files["train"].read_bytes()
     with open(folder / "train.txt", "wb") as f:
         for _ in range(copies):
             f.write(text)
     for split in ("validation", "test"):
-        (folder / f"{split}.txt").write_bytes((source / f"{split}.txt").read_bytes())
+        (folder / f"{split}.txt").write_bytes(files[split].read_bytes())
     return folder
 
 

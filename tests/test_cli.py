@@ -321,10 +321,19 @@ def test_unwritable_output_is_caught_before_training(tmp_path, tiny_data_dir):
     blocker.write_text("")
     result = run_script("BERT_from_scratch.py", *TINY_TRAIN, "--data_dir", tiny_data_dir,
                         "--checkpoint", blocker / "model.pt")
-    assert result.returncode == 1 and "cannot write the checkpoint" in result.stderr
-    assert "probe" not in result.stderr  # the reason, not the name of the file that tried
+    assert result.returncode == 1 and f"{blocker} is a file, not a folder" in result.stderr
     assert "data:" not in result.stdout  # it failed before loading any data
     assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_folder_gives_the_reason(tmp_path, monkeypatch):
+    """The reason, not the name of the file that tried to write."""
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(bert.Path, "write_bytes", refuse)
+    with pytest.raises(bert.UserError) as info:
+        bert.check_output_path(tmp_path / "model.pt", resuming_from=None, overwrite=False)
+    assert str(info.value) == f"cannot write the checkpoint {tmp_path / 'model.pt'}: Permission denied"
 
 
 def test_bad_output_paths(tmp_path, tiny_data_dir, trained):

@@ -60,7 +60,7 @@ def checkpoint(tmp_path_factory, tiny_data):
 
 def finetune_json(capsys, checkpoint, glue_dir, *args):
     glue.main(["--checkpoint", str(checkpoint), "--data_dir", str(glue_dir), "--batch_size", "4",
-               "--max_seq_len", "32", "--threads", "1", "--json", *args])
+               "--max_seq_len", "32", "--threads", "1", "--device", "cpu", "--json", *args])
     return json.loads(capsys.readouterr().out)
 
 
@@ -213,6 +213,40 @@ def test_longer_inputs_than_pretraining_get_a_notice(capsys, checkpoint, glue_di
     assert "notice" not in capsys.readouterr().err
 
 
+def test_saved_model_classifies_as_in_transformers(tiny_data, checkpoint, glue_dir, tmp_path):
+    """--save's folder loads as BertForSequenceClassification with the task's label names and
+    gives this model's outputs, in a text-classification pipeline too (STS-B: the raw score)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = tiny_data[0]
+    for name in ("rte", "stsb"):
+        task = glue.TASKS[name]
+        model = glue.build_model(bert.read_checkpoint(checkpoint), task.num_labels, random_init=False, seed=0)
+        dev = glue.encode(*glue.load_task(name, glue_dir)["dev"], tokenizer, 32, regression=task.num_labels == 1)
+        ours = glue.predict(model, dev, torch.device("cpu"))
+        glue.save(model, tokenizer, task, tmp_path / name)
+        theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / name).eval()
+        assert theirs.config.id2label == dict(enumerate(task.labels))
+        batch = glue.collate(dev, np.arange(len(dev)))
+        with torch.no_grad():
+            logits = theirs(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        assert torch.allclose(logits, torch.from_numpy(ours), atol=1e-5)
+    texts = glue.load_task("stsb", glue_dir)["dev"][0]
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "stsb"), device="cpu")
+    out = pipe({"text": texts[0][0], "text_pair": texts[1][0]})
+    out = out[0] if isinstance(out, list) else out
+    assert out["label"] == "similarity" and out["score"] == pytest.approx(float(ours[0, 0]), abs=1e-4)
+
+
+def test_save_writes_a_folder_and_refuses_one_with_files(capsys, checkpoint, glue_dir, tmp_path):
+    pytest.importorskip("transformers")
+    out = finetune_json(capsys, checkpoint, glue_dir, "--task", "sst2", "--save", str(tmp_path / "sst2"))
+    assert out["settings"]["save"] == str(tmp_path / "sst2") and (tmp_path / "sst2" / "config.json").is_file()
+    line = error_of(capsys, "--task", "sst2", "--checkpoint", str(checkpoint), "--data_dir", str(glue_dir),
+                    "--max_seq_len", "32", "--save", str(tmp_path / "sst2"), code=1)
+    assert line == f"error: --save {tmp_path / 'sst2'} already has files; remove them or choose another folder"
+
+
 # Bad input: one line on stderr, exit status 1 (2 for a bad flag), no traceback ------------------
 
 def error_of(capsys, *argv, code=2):
@@ -278,7 +312,7 @@ def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, t
     cmd = [sys.executable, str(REPO / "benchmarks" / "glue_runs.py"), "--checkpoint", str(checkpoint),
            "--data_dir", str(glue_dir), "--tasks", "rte", "stsb", "--inits", "shipped", "--lrs", "1e-4", "3e-4",
            "--seeds", "0", "1", "--threads", "1", "--jobs", "2", "--results", str(results),
-           "--", "--max_seq_len", "32", "--batch_size", "4"]
+           "--", "--max_seq_len", "32", "--batch_size", "4", "--device", "cpu"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert first.returncode == 0, first.stderr
     runs = [json.loads(line) for line in results.read_text().splitlines()]

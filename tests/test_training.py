@@ -319,6 +319,9 @@ def test_a_batch_with_nothing_to_mask_trains_on_nsp_alone(tiny_data):
     model = bert.BertForPreTraining(tiny_config(V, dropout=0.0))
     out = model(**empty)
     assert out.mlm_loss.item() == 0 and torch.equal(out.loss, out.nsp_loss)
+    out.loss.backward()
+    assert model.mlm_head.dense.weight.grad.abs().max() == 0  # no MLM gradient
+    assert model.nsp_head.weight.grad.abs().max() > 0
 
     def step(micro_batches):
         torch.manual_seed(0)
