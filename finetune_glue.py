@@ -336,6 +336,11 @@ def finetune(model, train_set, device, args):
     return total_steps
 
 
+def checkpoint_sha256(path):
+    """Which checkpoint a result came from, whatever its path (a short sha256 of the file)."""
+    return bert.file_sha256(path)[:16]
+
+
 def resolve_device(name):
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -379,7 +384,8 @@ def run(args):
         save(model, tokenizer, task, args.save)
     settings = {k: getattr(args, k) for k in ("lr", "batch_size", "epochs", "seed", "max_seq_len", "warmup",
                                               "dropout", "checkpoint", "random_init", "data_dir", "save")}
-    settings.update(weight_decay=0.01, device=device.type, threads=torch.get_num_threads(), steps=steps)
+    settings.update(checkpoint_sha256=checkpoint_sha256(args.checkpoint), weight_decay=0.01, device=device.type,
+                    threads=torch.get_num_threads(), steps=steps)
     return {"task": args.task, "metric": task.metric, "score": score, "metrics": metrics,
             "settings": settings, "seconds": round(time.time() - t0, 1),
             "cpu_seconds": round(time.process_time() - cpu0, 1),  # summed over threads

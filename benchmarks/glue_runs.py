@@ -81,9 +81,11 @@ def best_lr(results, task, init, lrs):
 WRITING = threading.Lock()
 
 
-def setting(task, s):
-    """What a results file must hold fixed for its runs to compare: all but the lr, seed and init."""
-    return (task, Path(s["checkpoint"]).name, s["epochs"], s["batch_size"], s["max_seq_len"], s["warmup"],
+def setting(task, s, by_hash=True):
+    """What a results file must hold fixed for its runs to compare: all but the lr, seed and init.
+    The checkpoint by its sha256 (runs from before it was recorded: by file name)."""
+    checkpoint = s["checkpoint_sha256"] if by_hash else Path(s["checkpoint"]).name
+    return (task, checkpoint, s["epochs"], s["batch_size"], s["max_seq_len"], s["warmup"],
             s.get("dropout", 0.1), "hub" if s["data_dir"] is None else "files", s.get("device", "cpu"))
     # (Runs from before --dropout and --device used the checkpoint's rate, 0.1 in the files here, on the CPU.)
 
@@ -98,12 +100,16 @@ def check_settings(args, results):
             ["--task", task, "--checkpoint", args.checkpoint, *(["--data_dir", args.data_dir] if args.data_dir else []),
              *args.finetune_args]))
         run["device"] = finetune_glue.resolve_device(run["device"])
-        ours = setting(task, run)
-        theirs = {setting(task, r["settings"]) for r in results if r["task"] == task} - {ours}
-        if theirs:
-            names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "dropout", "data", "device")
-            differ = ", ".join(f"{n} {a} (here {b})" for n, a, b in zip(names, sorted(theirs)[0], ours) if a != b)
-            sys.exit(f"{args.results} holds {task} runs of other settings: {differ}; give this grid its own --results")
+        run["checkpoint_sha256"] = finetune_glue.checkpoint_sha256(args.checkpoint)
+        for r in results:
+            by_hash = "checkpoint_sha256" in r["settings"]
+            theirs, ours = setting(task, r["settings"], by_hash), setting(task, run, by_hash)
+            if r["task"] == task and theirs != ours:
+                names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "dropout", "data",
+                         "device")
+                differ = ", ".join(f"{n} {a} (here {b})" for n, a, b in zip(names, theirs, ours) if a != b)
+                sys.exit(f"{args.results} holds {task} runs of other settings: {differ}; "
+                         "give this grid its own --results")
 
 
 def run_all(args, runs):

@@ -332,6 +332,10 @@ def test_grid_runner_runs_in_parallel_resumes_and_tables(checkpoint, glue_dir, t
     other = subprocess.run(cmd + ["--epochs", "1"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert other.returncode == 1 and "running" not in other.stderr  # not taken for the 3-epoch runs
     assert "holds rte runs of other settings: epochs 3 (here 1)" in other.stderr
+    retrained = tmp_path / checkpoint.name  # the same name, other weights
+    torch.save({**torch.load(checkpoint, weights_only=True), "step": 1}, retrained)
+    other = subprocess.run([*cmd[:3], str(retrained), *cmd[4:]], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert other.returncode == 1 and "holds rte runs of other settings: checkpoint" in other.stderr
 
 
 def test_readme_glue_table_is_the_one_the_results_file_gives():
