@@ -287,7 +287,7 @@ def run(args):
         + ("" if args.checkpoint or path == SHIPPED_CHECKPOINT else
            f"; the shipped model: --checkpoint {os.path.relpath(SHIPPED_CHECKPOINT)}"))
     predictor = Predictor(model, tokenizer, max_seq_len, device)
-    result = {"checkpoint": str(path)}
+    result = {"checkpoint": str(path), "trained_steps": ckpt.get("step", 0)}  # (few: a smoke run's)
 
     if args.export_hf:
         export_hf(model, tokenizer, args.export_hf)

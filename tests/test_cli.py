@@ -66,7 +66,7 @@ def test_fill_mask_json(trained):
                         "--text", "the castle was [MASK] near the [mask] .")
     assert result.stderr == ""  # nothing but the JSON
     out = json_of(result)
-    assert out["checkpoint"] == str(trained)
+    assert out["checkpoint"] == str(trained) and out["trained_steps"] == 8
     (entry,) = out["fill_mask"]
     assert len(entry["predictions"]) == 2  # one list per [MASK], "[mask]" accepted too
     for predictions in entry["predictions"]:
