@@ -865,6 +865,11 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def resolve_device(name):
+    """--device: auto is cuda where there is one, else cpu."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_dtype(name, device):
     if name == "auto":
         if device.type == "cuda":
@@ -1200,8 +1205,7 @@ class Processes:
 
 def start_processes(args):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda":
         if ddp:  # one GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1597,6 +1601,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def fail(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def check_device(self, args):
+        if args.device == "cuda" and not torch.cuda.is_available():
+            self.fail("--device cuda: CUDA is not available here (use --device cpu)")
+
 
 def build_parser():
     p = ArgumentParser("Pretrain a mini BERT (MLM + NSP) on WikiText-2.")
@@ -1682,8 +1690,7 @@ def parse_args(argv=None):
     if args.checkpoint is None:
         args.checkpoint = f"checkpoints/bert_{args.model_size}.pt"
     if args.pad_multiple is None:  # measured: see CPU_PAD_MULTIPLE
-        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        args.pad_multiple = 16 if cuda else CPU_PAD_MULTIPLE
+        args.pad_multiple = 16 if resolve_device(args.device).type == "cuda" else CPU_PAD_MULTIPLE
     max_positions = BertConfig.max_position_embeddings
     checks = [("seed", args.seed >= 0, "must be non-negative"),
               ("max_steps", args.max_steps is None or args.max_steps > 0, "must be positive"),
@@ -1702,8 +1709,7 @@ def parse_args(argv=None):
     for flag, ok, requirement in checks:
         if not ok:
             parser.fail(f"--{flag} {requirement}, got {getattr(args, flag)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.fail("--device cuda: CUDA is not available here (use --device cpu)")
+    parser.check_device(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (fail now, not after the first epoch)

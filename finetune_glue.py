@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import BERT_from_scratch as bert
+import test_mini_bert  # its export to transformers, for --save
 from BERT_from_scratch import UserError, error_line
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "bert-mini-wikitext2.pt"
@@ -341,14 +342,9 @@ def checkpoint_sha256(path):
     return bert.file_sha256(path)[:16]
 
 
-def resolve_device(name):
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def save(model, tokenizer, task, folder):
     """The fine-tuned classifier as a transformers folder: BertForSequenceClassification with the
     task's label names, and the tokenizer (pipeline("text-classification") runs it)."""
-    import test_mini_bert  # the export to transformers lives there
     names = dict(enumerate(task.labels))
     regression = {"problem_type": "regression"} if task.num_labels == 1 else {}  # (no sigmoid in pipelines)
     test_mini_bert.export_hf(model.cpu(), tokenizer, folder, "--save", "BertForSequenceClassification",
@@ -360,9 +356,8 @@ def run(args):
     t0, cpu0 = time.time(), time.process_time()
     task = TASKS[args.task]
     if args.save:
-        import test_mini_bert
         test_mini_bert.check_export_folder(args.save, "--save")  # before the work, not after
-    device = torch.device(resolve_device(args.device))
+    device = bert.resolve_device(args.device)
     ckpt = bert.read_checkpoint(args.checkpoint)  # missing, truncated or foreign: a UserError
     with bert.parts_of_checkpoint(args.checkpoint):  # damaged: a UserError too
         max_positions = ckpt["config"]["max_position_embeddings"]
@@ -432,8 +427,7 @@ def parse_args(argv=None):
     for flag, ok, requirement in checks:
         if not ok:
             p.fail(f"--{flag} {requirement}, got {getattr(args, flag)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.fail("--device cuda: CUDA is not available here (use --device cpu)")
+    p.check_device(args)
     return args
 
 

@@ -269,15 +269,13 @@ def parse_args(argv=None):
         p.fail("--data_dir and --dataset_config go with --eval")
     if (args.sentence_a is None) != (args.sentence_b is None):
         p.fail("--sentence_a and --sentence_b go together")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.fail("--device cuda: CUDA is not available here (use --device cpu)")
+    p.check_device(args)
     return args
 
 
 def run(args):
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bert.resolve_device(args.device)
     ckpt = bert.read_checkpoint(path)
     model, tokenizer = bert.load_checkpoint(path, device)
     train_args = ckpt.get("args", {})

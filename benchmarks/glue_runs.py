@@ -81,13 +81,14 @@ def best_lr(results, task, init, lrs):
 WRITING = threading.Lock()
 
 
-def setting(task, s, by_hash=True):
-    """What a results file must hold fixed for its runs to compare: all but the lr, seed and init.
-    The checkpoint by its sha256 (runs from before it was recorded: by file name)."""
-    checkpoint = s["checkpoint_sha256"] if by_hash else Path(s["checkpoint"]).name
-    return (task, checkpoint, s["epochs"], s["batch_size"], s["max_seq_len"], s["warmup"],
-            s.get("dropout", 0.1), "hub" if s["data_dir"] is None else "files", s.get("device", "cpu"))
-    # (Runs from before --dropout and --device used the checkpoint's rate, 0.1 in the files here, on the CPU.)
+def setting(s, by_hash=True):
+    """What a results file must hold fixed for its runs to compare: all but the task, lr, seed and
+    init. The checkpoint by its sha256 (runs from before it was recorded: by file name); runs from
+    before --dropout and --device used the checkpoint's rate (0.1 in the files here) on the CPU."""
+    return {"checkpoint": s["checkpoint_sha256"] if by_hash else Path(s["checkpoint"]).name,
+            "epochs": s["epochs"], "batch_size": s["batch_size"], "max_seq_len": s["max_seq_len"],
+            "warmup": s["warmup"], "dropout": s.get("dropout", 0.1),
+            "data": "hub" if s["data_dir"] is None else "files", "device": s.get("device", "cpu")}
 
 
 def check_settings(args, results):
@@ -95,19 +96,17 @@ def check_settings(args, results):
     take them for its own and skip those runs."""
     sys.path.insert(0, str(REPO))
     import finetune_glue  # (here, not at the top: --table_only needs no torch)
+    sha256 = finetune_glue.checkpoint_sha256(args.checkpoint)
     for task in args.tasks:
         run = vars(finetune_glue.parse_args(
             ["--task", task, "--checkpoint", args.checkpoint, *(["--data_dir", args.data_dir] if args.data_dir else []),
              *args.finetune_args]))
-        run["device"] = finetune_glue.resolve_device(run["device"])
-        run["checkpoint_sha256"] = finetune_glue.checkpoint_sha256(args.checkpoint)
-        for r in results:
+        run.update(device=finetune_glue.bert.resolve_device(run["device"]).type, checkpoint_sha256=sha256)
+        for r in (r for r in results if r["task"] == task):
             by_hash = "checkpoint_sha256" in r["settings"]
-            theirs, ours = setting(task, r["settings"], by_hash), setting(task, run, by_hash)
-            if r["task"] == task and theirs != ours:
-                names = ("task", "checkpoint", "epochs", "batch_size", "max_seq_len", "warmup", "dropout", "data",
-                         "device")
-                differ = ", ".join(f"{n} {a} (here {b})" for n, a, b in zip(names, theirs, ours) if a != b)
+            theirs, ours = setting(r["settings"], by_hash), setting(run, by_hash)
+            if theirs != ours:
+                differ = ", ".join(f"{k} {theirs[k]} (here {ours[k]})" for k in theirs if theirs[k] != ours[k])
                 sys.exit(f"{args.results} holds {task} runs of other settings: {differ}; "
                          "give this grid its own --results")
 
